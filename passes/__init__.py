@@ -1,0 +1,2 @@
+"""Built-in passes; each module registers one pass by its recipe name."""
+from . import annotate, calibrate, insert_qdq  # noqa: F401  (registration side effects)

@@ -1,0 +1,99 @@
+"""How each op type is quantized: one table entry per op (style guide R15).
+
+An OpRule says which inputs are activations, which is the weight (and its per-channel axis),
+which is the bias, whether the outputs are quantized with their own range or share the input's
+scale, and whether the op can be absorbed as a clamp into the producer's output range (the way
+runtimes fuse Relu / Clip into the preceding Conv). Adding an op is one register_op_rule call.
+Ops without a rule stay float and are listed in the report.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .ir import Node
+
+WeightAxis = Callable[[Node], int]
+
+
+@dataclass(frozen=True)
+class OpRule:
+    activation_inputs: tuple[int, ...] = (0,)
+    weight_input: int | None = None
+    weight_axis: WeightAxis | None = None  # per-channel axis of the weight (output channels)
+    bias_input: int | None = None
+    quantize_outputs: bool = True
+    share_input_scale: bool = False  # output codes are the input codes (Reshape, MaxPool, ...)
+    fusable_activation: bool = False  # Relu/Clip: absorbed into the producer's output range
+    nonnegative_output: Callable[[Node, list[bool]], bool] = lambda node, inputs_nonneg: False
+
+
+OP_RULES: dict[str, OpRule] = {}
+
+
+def register_op_rule(*op_types: str, rule: OpRule) -> None:
+    for op_type in op_types:
+        OP_RULES[op_type] = rule
+
+
+def rule_for(node: Node) -> OpRule | None:
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    return OP_RULES.get(node.op_type)
+
+
+def _conv_weight_axis(node: Node) -> int:
+    return 1 if node.op_type == "ConvTranspose" else 0  # ConvTranspose weights are [C_in, C_out/g, ...]
+
+
+def _gemm_weight_axis(node: Node) -> int:
+    return 0 if node.attr("transB", 0) else 1  # output features of B
+
+
+def _matmul_weight_axis(node: Node) -> int:
+    weight = node.inputs[1]
+    return len(weight.const.shape) - 1 if weight is not None and weight.is_const else 1
+
+
+def _all_inputs_nonneg(node: Node, flags: list[bool]) -> bool:
+    return bool(flags) and all(flags)
+
+
+def _first_input_nonneg(node: Node, flags: list[bool]) -> bool:
+    return bool(flags) and flags[0]
+
+
+def _clip_nonneg(node: Node, flags: list[bool]) -> bool:
+    low = node.input(1)
+    if low is not None and low.is_const:
+        return float(low.const) >= 0.0
+    if low is None and node.attr("min") is not None:  # opset < 11
+        return node.attr("min") >= 0.0
+    return bool(flags) and flags[0]
+
+
+_always = lambda node, flags: True  # noqa: E731
+
+register_op_rule("Conv", "ConvTranspose", rule=OpRule(weight_input=1, weight_axis=_conv_weight_axis, bias_input=2))
+register_op_rule("Gemm", rule=OpRule(weight_input=1, weight_axis=_gemm_weight_axis, bias_input=2))
+register_op_rule("MatMul", rule=OpRule(activation_inputs=(0,), weight_input=1, weight_axis=_matmul_weight_axis))
+register_op_rule("Add", rule=OpRule(activation_inputs=(0, 1), nonnegative_output=_all_inputs_nonneg))
+register_op_rule("Mul", rule=OpRule(activation_inputs=(0, 1), nonnegative_output=_all_inputs_nonneg))
+register_op_rule("Concat", rule=OpRule(activation_inputs=(), nonnegative_output=_all_inputs_nonneg))
+register_op_rule("AveragePool", "GlobalAveragePool",
+                 rule=OpRule(nonnegative_output=_first_input_nonneg))
+register_op_rule("Relu", rule=OpRule(fusable_activation=True, nonnegative_output=_always))
+register_op_rule("Clip", rule=OpRule(fusable_activation=True, nonnegative_output=_clip_nonneg))
+register_op_rule("Sigmoid", "HardSigmoid", rule=OpRule(nonnegative_output=_always))
+register_op_rule("HardSwish", rule=OpRule())
+register_op_rule("MaxPool", "GlobalMaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze",
+                 rule=OpRule(share_input_scale=True, nonnegative_output=_first_input_nonneg))
+
+# Concat quantizes every input: its activation_inputs are all of them, decided per node.
+VARIADIC_ACTIVATION_INPUTS = {"Concat"}
+
+
+def activation_inputs(node: Node, rule: OpRule) -> tuple[int, ...]:
+    if node.op_type in VARIADIC_ACTIVATION_INPUTS:
+        return tuple(range(len(node.inputs)))
+    return rule.activation_inputs
