@@ -38,8 +38,8 @@ def _nonnegative_values(graph: Graph) -> set[int]:
         if rule is None:
             continue
         flags = [v is not None and id(v) in nonneg for v in node.inputs]
-        if node.op_type in ("Reshape", "Squeeze", "Unsqueeze"):
-            flags = flags[:1]  # shape inputs say nothing about the data
+        if node.op_type in ("Reshape", "Squeeze", "Unsqueeze", "Pad"):
+            flags = flags[:1]  # shape / pads inputs say nothing about the data
         if rule.nonnegative_output(node, flags):
             nonneg.update(id(o) for o in node.outputs)
     return nonneg
@@ -129,9 +129,7 @@ class AnnotatePass(Pass):
         data = [node.input(i) for i in activation_inputs(node, rule)] or [node.input(0)]
         if not any(v is not None and _is_float(v) for v in data):
             return "no floating-point data input"
-        if node.op_type == "Clip" and any(v is not None and not v.is_const for v in node.inputs[1:]):
-            return "Clip bounds are not constants"
-        return ""
+        return rule.refuse(node)
 
     @staticmethod
     def _fuses_into_activation(graph: Graph, node: Node, out: Value) -> bool:

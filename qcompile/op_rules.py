@@ -26,6 +26,7 @@ class OpRule:
     share_input_scale: bool = False  # output codes are the input codes (Reshape, MaxPool, ...)
     fusable_activation: bool = False  # Relu/Clip: absorbed into the producer's output range
     nonnegative_output: Callable[[Node, list[bool]], bool] = lambda node, inputs_nonneg: False
+    refuse: Callable[[Node], str] = lambda node: ""  # why this node cannot be quantized, or ""
 
 
 OP_RULES: dict[str, OpRule] = {}
@@ -74,6 +75,23 @@ def _clip_nonneg(node: Node, flags: list[bool]) -> bool:
 
 _always = lambda node, flags: True  # noqa: E731
 
+
+def _clip_refuse(node: Node) -> str:
+    if any(v is not None and not v.is_const for v in node.inputs[1:]):
+        return "Clip bounds are not constants"
+    return ""
+
+
+def _pad_refuse(node: Node) -> str:
+    """Pad shares its input's scale only when the padding value is real 0 (the zero point's code)."""
+    mode = node.attr("mode", b"constant")
+    if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+        return ""
+    value = node.input(2)
+    if value is None or (value.is_const and (value.const.size == 0 or float(value.const.reshape(-1)[0]) == 0.0)):
+        return ""
+    return "Pad constant_value is not 0"
+
 register_op_rule("Conv", "ConvTranspose", rule=OpRule(weight_input=1, weight_axis=_conv_weight_axis, bias_input=2))
 register_op_rule("Gemm", rule=OpRule(weight_input=1, weight_axis=_gemm_weight_axis, bias_input=2))
 register_op_rule("MatMul", rule=OpRule(activation_inputs=(0,), weight_input=1, weight_axis=_matmul_weight_axis))
@@ -83,11 +101,12 @@ register_op_rule("Concat", rule=OpRule(activation_inputs=(), nonnegative_output=
 register_op_rule("AveragePool", "GlobalAveragePool",
                  rule=OpRule(nonnegative_output=_first_input_nonneg))
 register_op_rule("Relu", rule=OpRule(fusable_activation=True, nonnegative_output=_always))
-register_op_rule("Clip", rule=OpRule(fusable_activation=True, nonnegative_output=_clip_nonneg))
+register_op_rule("Clip", rule=OpRule(fusable_activation=True, nonnegative_output=_clip_nonneg, refuse=_clip_refuse))
 register_op_rule("Sigmoid", "HardSigmoid", rule=OpRule(nonnegative_output=_always))
 register_op_rule("HardSwish", rule=OpRule())
 register_op_rule("MaxPool", "GlobalMaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze",
                  rule=OpRule(share_input_scale=True, nonnegative_output=_first_input_nonneg))
+register_op_rule("Pad", rule=OpRule(share_input_scale=True, nonnegative_output=_first_input_nonneg, refuse=_pad_refuse))
 
 # Concat quantizes every input: its activation_inputs are all of them, decided per node.
 VARIADIC_ACTIVATION_INPUTS = {"Concat"}

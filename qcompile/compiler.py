@@ -1,0 +1,95 @@
+"""compile_model(): the whole flow behind the `qcompile` command, usable from Python.
+
+import -> passes (recipe) -> export (atomic, validated) -> evaluate -> report.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .data import batch_size_for, load_dataset, model_inputs
+from .errors import QCompileError
+from .evaluate import compare, run_outputs
+from .exporter import to_proto, write_model
+from .importer import import_model
+from .pipeline import DumpIR, PassContext, PassManager
+from .recipe import build_passes, load_recipe
+from .registry import load_builtins_and_entry_points, load_plugin
+from .report import build_report, write_json
+
+# Per-axis QuantizeLinear/DequantizeLinear need opset 13; older models are converted on import.
+QDQ_MIN_OPSET = 13
+
+Progress = Callable[[Iterable, int, str], Iterable]
+
+
+def default_output(model: Path) -> Path:
+    return model.with_name(model.stem + ".int8.onnx")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def compile_model(model: str | Path, recipe: str | Path, output: str | Path | None = None, *,
+                  calib: str | Path | None = None, eval_data: str | Path | None = None,
+                  report: str | Path | None = None, dump_ir: str | Path | None = None,
+                  plugins: Iterable[str] = (), progress: Progress | None = None) -> dict:
+    """Quantize `model` as `recipe` says and write it to `output`; returns the report dict."""
+    start = time.perf_counter()
+    model, recipe = Path(model), Path(recipe)
+    output = Path(output) if output else default_output(model)
+    if model.exists() and _same_file(model, output):
+        raise QCompileError(f"{output}: refusing to overwrite the input model; choose another -o path")
+    for plugin in plugins:
+        load_plugin(plugin)
+    load_builtins_and_entry_points()
+    recipe_doc = load_recipe(recipe)
+    passes = build_passes(recipe_doc, str(recipe))
+    progress = progress or (lambda it, total, desc: it)
+
+    graph = import_model(model, min_opset=QDQ_MIN_OPSET)
+    inputs = model_inputs(graph)
+    calib_set = load_dataset(calib, inputs, recipe_doc.preprocessing) if calib else None
+    eval_set = load_dataset(eval_data, inputs, recipe_doc.preprocessing) if eval_data else None
+
+    batch_size = batch_size_for(inputs, recipe_doc.calibration.batch_size)
+    limit = recipe_doc.calibration.max_samples
+    ctx = PassContext(
+        scheme=recipe_doc.quantization,
+        calibration_data=(lambda: calib_set.batches(batch_size, limit)) if calib_set else None,
+        calibration_samples=min(len(calib_set), limit or len(calib_set)) if calib_set else 0,
+        progress=lambda it, total, desc: progress(it, -(-total // batch_size), desc),
+    )
+    instruments = []
+    if dump_ir:
+        dumper = DumpIR(dump_ir)
+        dumper.before(graph)
+        instruments.append(dumper)
+    manager = PassManager(passes, instruments)
+    manager.run(graph, ctx)
+
+    write_model(to_proto(graph), output, external_data=True if graph.model_props.get("external_data") else None)
+
+    evaluation = None
+    if eval_set is not None:
+        names = [v.name for v in graph.outputs]
+        float_out = run_outputs(str(model), eval_set, batch_size,
+                                lambda it, total, desc: progress(it, -(-total // batch_size), desc), "float model")
+        quant_out = run_outputs(str(output), eval_set, batch_size,
+                                lambda it, total, desc: progress(it, -(-total // batch_size), desc), "quantized model")
+        evaluation = compare(float_out, quant_out, names, eval_set.labels).as_dict()
+
+    result = build_report(model=str(model), output=str(output), recipe=str(recipe), passes=manager.records,
+                          notes=ctx.notes, opsets={"source": graph.model_props.get("source_opset"),
+                                                   "output": graph.opset("")},
+                          evaluation=evaluation, seconds=time.perf_counter() - start)
+    write_json(result, report or output.with_name(output.stem + ".report.json"))
+    return result
