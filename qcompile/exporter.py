@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 _PER_AXIS_QDQ_OPSET = 13
 _QDQ_TYPE_OPSET = {onnx.TensorProto.INT16: 21, onnx.TensorProto.UINT16: 21,
                    onnx.TensorProto.INT4: 21, onnx.TensorProto.UINT4: 21}
+_MAX_IR_VERSION = 10
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of weights above which the output stores them externally
 
 
@@ -69,7 +70,10 @@ def to_proto(graph: Graph) -> onnx.ModelProto:
     props = graph.model_props
     model = helper.make_model(graph_proto, opset_imports=opsets, producer_name=props.get("producer_name") or "qcompile",
                               producer_version=props.get("producer_version") or "")
-    model.ir_version = max(props.get("ir_version", 0), helper.find_min_ir_version_for(opsets, ignore_unknown=True))
+    # Keep the source's IR version, but not above 10: onnx writes versions newer than the runtimes read
+    # (onnx 1.23 writes 14, onnxruntime 1.31 reads up to 13), and nothing qcompile emits needs more.
+    model.ir_version = max(min(props.get("ir_version", 0), _MAX_IR_VERSION),
+                           helper.find_min_ir_version_for(opsets, ignore_unknown=True))
     model.model_version = props.get("model_version", 0)
     if props.get("doc_string"):
         model.doc_string = props["doc_string"]

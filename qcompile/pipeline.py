@@ -111,9 +111,13 @@ def check_pipeline(passes: list[Pass], where: str = "recipe") -> None:
                 + " < ".join(p.name.lower() for p in Phase))
         missing = sorted(pass_.requires - facts)
         if missing:
-            providers = ", ".join(f"'{m}'" for m in missing)
-            raise RecipeError(f"{where}: passes[{index}]: '{pass_.name}' requires {providers}, which no earlier pass "
-                              f"establishes; add the pass that does before it")
+            from .registry import PASSES
+
+            providers = sorted(name for name in PASSES.names() if set(missing) & PASSES.get(name).establishes)
+            fix = f"add {' or '.join(repr(p) for p in providers)} before it" if providers else \
+                "no registered pass establishes it"
+            raise RecipeError(f"{where}: passes[{index}]: '{pass_.name}' requires "
+                              f"{', '.join(repr(m) for m in missing)}, which no earlier pass establishes; {fix}")
         facts |= pass_.establishes
         previous = pass_
 
