@@ -106,6 +106,12 @@ class Node:
         if value is not None:
             value._uses.append(Use(self, index))
 
+    def set_input(self, index: int, value: Value | None) -> None:
+        """Like replace_input, but may fill an omitted trailing optional input (e.g. a Conv bias)."""
+        while len(self._inputs) <= index:
+            self._inputs.append(None)
+        self.replace_input(index, value)
+
     def _detach_inputs(self) -> None:
         for index, value in enumerate(self._inputs):
             if value is not None:

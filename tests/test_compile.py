@@ -129,9 +129,9 @@ def test_dump_ir_writes_one_file_per_pass(tmp_path, capsys, digits_model, digits
                  "-o", str(tmp_path / "o.onnx"), "--dump-ir", str(tmp_path / "ir"), "-q"])
     assert code == 0
     files = sorted(p.name for p in (tmp_path / "ir").iterdir())
-    assert files == ["00_input.txt", "01_annotate.txt", "02_calibrate.txt", "03_insert_qdq.txt"]
-    assert "QuantizeLinear" in (tmp_path / "ir" / "03_insert_qdq.txt").read_text()
-    assert "scale=" in (tmp_path / "ir" / "02_calibrate.txt").read_text()
+    assert files == ["00_input.txt", "01_fold_batchnorm.txt", "02_annotate.txt", "03_calibrate.txt", "04_insert_qdq.txt"]
+    assert "QuantizeLinear" in (tmp_path / "ir" / "04_insert_qdq.txt").read_text()
+    assert "scale=" in (tmp_path / "ir" / "03_calibrate.txt").read_text()
 
 
 def test_unsupported_ops_stay_float_and_are_reported(tmp_path):

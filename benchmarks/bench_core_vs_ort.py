@@ -1,0 +1,129 @@
+"""qcompile max calibration vs onnxruntime quantize_static on EfficientNet-Lite0 (one run, one table).
+
+    python benchmarks/bench_core_vs_ort.py [--calib 100] [--eval 400]
+
+Calibration: the first N images of ../shared/data/imagenet_sample_dev.npz; evaluation: the next M.
+Both tools produce QDQ models with max (MinMax) calibration; settings are matched pairwise:
+  asym  = activations uint8 asymmetric, weights int8 symmetric (onnxruntime's defaults)
+  sym   = activations int8 symmetric (uint8 zero point 0 where qcompile proves non-negativity),
+          weights int8 symmetric
+each per channel and per tensor. Not a test: prints a table (and --json writes it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+MODEL = SHARED / "models" / "efficientnet_lite0_fused.onnx"
+
+RECIPE = """
+version: 1
+quantization:
+  weights: {{bits: 8, symmetric: true, granularity: {granularity}, calibrator: max}}
+  activations: {{bits: 8, symmetric: {symmetric}, signed: {signed}, calibrator: max}}
+calibration: {{batch_size: 1}}
+preprocessing: {{mean: [127.0], std: [128.0], layout: NCHW}}
+passes: [annotate, calibrate, insert_qdq]
+"""
+
+
+def preprocess(u8: np.ndarray) -> np.ndarray:
+    return ((u8.astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2).copy()
+
+
+def predict(model_path: Path, images: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return np.array([sess.run(None, {name: preprocess(images[i:i + 1])})[0][0].argmax() for i in range(len(images))])
+
+
+def qcompile_model(work: Path, calib_npz: Path, granularity: str, symmetric: bool) -> tuple[Path, float]:
+    from qcompile.compiler import compile_model
+
+    recipe = work / f"qc_{granularity}_{symmetric}.yaml"
+    recipe.write_text(RECIPE.format(granularity=granularity, symmetric=str(symmetric).lower(),
+                                    signed=str(symmetric).lower()))
+    out = work / f"qc_{granularity}_{'sym' if symmetric else 'asym'}.onnx"
+    start = time.perf_counter()
+    compile_model(MODEL, recipe, out, calib=calib_npz)
+    return out, time.perf_counter() - start
+
+
+def ort_model(work: Path, calib_images: np.ndarray, per_channel: bool, symmetric: bool) -> tuple[Path, float]:
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"input": preprocess(calib_images[i:i + 1])} for i in range(len(calib_images))])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    out = work / f"ort_{'pc' if per_channel else 'pt'}_{'sym' if symmetric else 'asym'}.onnx"
+    start = time.perf_counter()
+    quantize_static(str(MODEL), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                    activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
+    return out, time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calib", type=int, default=100)
+    parser.add_argument("--eval", type=int, default=400)
+    parser.add_argument("--json", help="also write the rows as JSON here")
+    args = parser.parse_args()
+
+    data = np.load(SHARED / "data" / "imagenet_sample_dev.npz")
+    images, labels = data["images"], data["labels"]
+    calib = images[:args.calib]
+    eval_images = images[args.calib:args.calib + args.eval]
+    eval_labels = labels[args.calib:args.calib + args.eval]
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        calib_npz = work / "calib.npz"
+        np.savez(calib_npz, images=calib)
+        float_pred = predict(MODEL, eval_images)
+        rows.append({"tool": "float", "setting": "fp32", "top1": float(np.mean(float_pred == eval_labels)),
+                     "agreement": 1.0, "seconds": 0.0})
+        for granularity, per_channel in (("per_channel", True), ("per_tensor", False)):
+            for symmetric in (False, True):
+                setting = f"{'per-channel' if per_channel else 'per-tensor'} {'sym' if symmetric else 'asym'}"
+                for tool, build in (("qcompile", lambda: qcompile_model(work, calib_npz, granularity, symmetric)),
+                                    ("onnxruntime", lambda: ort_model(work, calib, per_channel, symmetric))):
+                    path, seconds = build()
+                    pred = predict(path, eval_images)
+                    rows.append({"tool": tool, "setting": setting, "top1": float(np.mean(pred == eval_labels)),
+                                 "agreement": float(np.mean(pred == float_pred)), "seconds": seconds})
+                    print(f"  done: {tool} {setting}", file=sys.stderr)
+
+    print(f"EfficientNet-Lite0 fused, calibration {args.calib} images, evaluation {args.eval} images "
+          f"(imagenet_sample_dev.npz), QDQ, max/MinMax calibration")
+    print(f"{'setting':<22}{'tool':<13}{'top-1 %':>9}{'agree %':>9}{'Δtop-1 vs ORT':>15}{'build s':>9}")
+    ort_top1 = {r["setting"]: r["top1"] for r in rows if r["tool"] == "onnxruntime"}
+    for r in rows:
+        delta = f"{100 * (r['top1'] - ort_top1[r['setting']]):+.2f}" if r["tool"] == "qcompile" else ""
+        print(f"{r['setting']:<22}{r['tool']:<13}{100 * r['top1']:>9.2f}{100 * r['agreement']:>9.2f}{delta:>15}"
+              f"{r['seconds']:>9.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
