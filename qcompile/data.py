@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from onnx import helper
@@ -64,13 +64,19 @@ class Dataset:
 
 
 class ArrayDataset(Dataset):
-    def __init__(self, source: str, arrays: dict[str, np.ndarray], labels: np.ndarray | None):
+    """Arrays (memory-mapped for .npy); conversion to the model's form happens batch by batch,
+    so memory holds one converted batch, not the whole converted data set."""
+
+    def __init__(self, source: str, arrays: dict[str, np.ndarray], labels: np.ndarray | None,
+                 convert: dict[str, Callable[[np.ndarray], np.ndarray]]):
         count = len(next(iter(arrays.values())))
         super().__init__(source, count, labels)
         self.arrays = arrays
+        self.convert = convert
 
     def _slice(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        return {name: np.ascontiguousarray(a[start:stop]) for name, a in self.arrays.items()}
+        return {name: np.ascontiguousarray(self.convert[name](np.asarray(a[start:stop])))
+                for name, a in self.arrays.items()}
 
 
 class ImageFolderDataset(Dataset):
@@ -131,10 +137,14 @@ def to_model_layout(pixels: np.ndarray, model_input: ModelInput, pp, source: str
     return x
 
 
-def check_shape(array: np.ndarray, model_input: ModelInput, source: str) -> None:
-    """Samples must match the model input; the batch (first) dimension is free."""
+def check_shape(array: np.ndarray, model_input: ModelInput, source: str, count: int | None = None) -> None:
+    """Samples must match the model input; the batch (first) dimension is free.
+
+    count: the number of samples the whole data set has, for the message (array may be one sample).
+    """
     expected = model_input.shape
-    got = "[" + ",".join(map(str, array.shape)) + "]"
+    shown = (count if count is not None else array.shape[0],) + array.shape[1:] if array.ndim else array.shape
+    got = "[" + ",".join(map(str, shown)) + "]"
     if expected and (len(expected) != array.ndim or any(isinstance(e, int) and e > 0 and e != g
                                                          for e, g in zip(expected[1:], array.shape[1:]))):
         raise DataError(f"{source}: model input '{model_input.name}' expects shape {model_input.describe()}, "
@@ -144,19 +154,23 @@ def check_shape(array: np.ndarray, model_input: ModelInput, source: str) -> None
                         f"{array.dtype.name}{got}")
 
 
-def _fit_array(array: np.ndarray, model_input: ModelInput, pp, source: str) -> np.ndarray:
-    """Accept the array as is, cast float64 to float32, or preprocess uint8 images."""
+def _converter(array: np.ndarray, model_input: ModelInput, pp, source: str) -> Callable[[np.ndarray], np.ndarray]:
+    """How a batch of this array becomes model input: as is, float64 -> float32, or image
+    preprocessing for uint8. Checked now on the first sample, applied later batch by batch."""
     if array.dtype == np.uint8 and model_input.dtype.kind == "f":
         if pp is None:
             raise DataError(f"{source}: model input '{model_input.name}' expects {model_input.describe()}, the data is "
                             f"uint8{list(array.shape)}; add a 'preprocessing' block to the recipe or give float arrays")
         if pp.resize or pp.crop:
             raise DataError(f"{source}: resize/crop apply to image folders; give arrays already at the model's size")
-        return to_model_layout(array, model_input, pp, source)
-    if array.dtype == np.float64 and model_input.dtype == np.float32:
-        array = array.astype(np.float32)
-    check_shape(array, model_input, source)
-    return array
+        convert = lambda batch: to_model_layout(batch, model_input, pp, source)  # noqa: E731
+    elif array.dtype == np.float64 and model_input.dtype == np.float32:
+        convert = lambda batch: batch.astype(np.float32)  # noqa: E731
+    else:
+        convert = lambda batch: batch  # noqa: E731
+    if len(array):
+        check_shape(convert(np.asarray(array[:1])), model_input, source, count=len(array))
+    return convert
 
 
 def batch_size_for(inputs: list[ModelInput], requested: int) -> int:
@@ -205,8 +219,9 @@ def load_dataset(path: str | Path, inputs: list[ModelInput], preprocessing=None)
     else:
         raise DataError(f"{path}: unsupported data file (use .npy, .npz or a folder of .jpg/.png images)")
 
-    fitted = {m.name: _fit_array(arrays[m.name], m, preprocessing, str(path)) for m in inputs}
-    counts = {len(a) for a in fitted.values()}
+    convert = {m.name: _converter(arrays[m.name], m, preprocessing, str(path)) for m in inputs}
+    arrays = {m.name: arrays[m.name] for m in inputs}
+    counts = {len(a) for a in arrays.values()}
     if len(counts) != 1:
         raise DataError(f"{path}: arrays have different sample counts {sorted(counts)}")
     count = counts.pop()
@@ -220,7 +235,7 @@ def load_dataset(path: str | Path, inputs: list[ModelInput], preprocessing=None)
         labels = np.asarray(labels).reshape(-1)
         if len(labels) != count:
             raise DataError(f"{path}: {len(labels)} labels for {count} samples")
-    return ArrayDataset(str(path), fitted, labels)
+    return ArrayDataset(str(path), arrays, labels, convert)
 
 
 def _load_image_folder(path: Path, inputs: list[ModelInput], preprocessing) -> Dataset:
