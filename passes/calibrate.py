@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import logging
 
-import onnx
-from onnx import helper
-
-from qcompile.calibration import Calibrator, make_calibrator, run_and_observe
+from qcompile.calibration import Calibrator, make_calibrator
+from qcompile.collect import collect_statistics
 from qcompile.errors import CalibrationError
 from qcompile.exporter import to_proto
 from qcompile.ir import Graph, Value
@@ -24,16 +22,6 @@ from qcompile.registry import register_pass
 
 __all__ = ["CalibratePass"]
 logger = logging.getLogger(__name__)
-
-
-def _stats_model(graph: Graph, values: list[Value]) -> bytes:
-    """The float graph with the tensors to observe exposed as extra outputs."""
-    model = to_proto(graph)
-    existing = {o.name for o in model.graph.output}
-    for value in values:
-        if value.name not in existing:
-            model.graph.output.append(helper.make_tensor_value_info(value.name, value.dtype or onnx.TensorProto.FLOAT, None))
-    return model.SerializeToString()
 
 
 @register_pass("calibrate")
@@ -50,19 +38,20 @@ class CalibratePass(Pass):
         for value in graph.values.values():
             if value.quant is None or value.qparams is not None or value.meta.get("shares_scale_with"):
                 continue
-            calibrators[value.name] = make_calibrator(value.quant)
             if value.is_const:
+                calibrators[value.name] = make_calibrator(value.quant)
                 calibrators[value.name].observe(value.const)
             else:
                 activations.append(value)
 
-        samples = 0
+        run_stats = {"samples": 0}
         if activations:
-            batches = ctx.progress(ctx.calibration_batches(self.name), ctx.calibration_samples, "calibrating")
-            samples = run_and_observe(_stats_model(graph, activations), [v.name for v in activations], batches,
-                                      lambda name, array: calibrators[name].observe(array))
-            if samples == 0:
-                raise CalibrationError("the calibration data yielded no samples")
+            order = {id(n): i for i, n in enumerate(graph.nodes)}  # groups follow the graph's order
+            activations.sort(key=lambda v: order.get(id(v.producer), -1))
+            observed, run_stats = collect_statistics(
+                to_proto(graph), activations, ctx.require_calibration(self.name), jobs=ctx.jobs,
+                budget_bytes=ctx.memory_budget_mb << 20, progress=ctx.progress, batch_count=ctx.calibration_batches)
+            calibrators.update(observed)
 
         for name, calibrator in calibrators.items():
             value = graph.values[name]
@@ -90,4 +79,4 @@ class CalibratePass(Pass):
                                 **value.qparams.summary()})
         return PassResult(modified=bool(calibrators), stats={"calibrated_tensors": len(calibrators),
                                                             "activations": len(activations),
-                                                            "shared_scales": shared, "samples": samples})
+                                                            "shared_scales": shared, **run_stats})

@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dump-ir", help="write the IR as text after each pass into this folder")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                         help="import a module that registers passes/calibrators (repeatable)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="collect calibration statistics in N processes and merge them (default 1)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each pass")
     parser.add_argument("--version", action="version", version=f"qcompile {__version__}")
@@ -40,7 +42,10 @@ def _progress(quiet: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from .compiler import compile_model
@@ -49,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = compile_model(args.model, args.recipe, args.output, calib=args.calib, eval_data=args.eval_data,
                                report=args.report, dump_ir=args.dump_ir, plugins=args.plugin,
-                               progress=_progress(args.quiet))
+                               progress=_progress(args.quiet), jobs=args.jobs)
     except QCompileError as exc:
         print(f"qcompile: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

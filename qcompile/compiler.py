@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .data import batch_size_for, load_dataset, model_inputs
+from .data import DataSource, batch_size_for, load_dataset, model_inputs
 from .errors import QCompileError
 from .evaluate import compare, run_outputs
 from .exporter import to_proto, write_model
@@ -41,7 +41,7 @@ def _same_file(a: Path, b: Path) -> bool:
 def compile_model(model: str | Path, recipe: str | Path, output: str | Path | None = None, *,
                   calib: str | Path | None = None, eval_data: str | Path | None = None,
                   report: str | Path | None = None, dump_ir: str | Path | None = None,
-                  plugins: Iterable[str] = (), progress: Progress | None = None) -> dict:
+                  plugins: Iterable[str] = (), progress: Progress | None = None, jobs: int = 1) -> dict:
     """Quantize `model` as `recipe` says and write it to `output`; returns the report dict."""
     start = time.perf_counter()
     model, recipe = Path(model), Path(recipe)
@@ -62,11 +62,14 @@ def compile_model(model: str | Path, recipe: str | Path, output: str | Path | No
 
     batch_size = batch_size_for(inputs, recipe_doc.calibration.batch_size)
     limit = recipe_doc.calibration.max_samples
+    samples = min(len(calib_set), limit or len(calib_set)) if calib_set else 0
     ctx = PassContext(
         scheme=recipe_doc.quantization,
-        calibration_data=(lambda: calib_set.batches(batch_size, limit)) if calib_set else None,
-        calibration_samples=min(len(calib_set), limit or len(calib_set)) if calib_set else 0,
-        progress=lambda it, total, desc: progress(it, -(-total // batch_size), desc),
+        calibration=DataSource(str(calib), tuple(inputs), recipe_doc.preprocessing, batch_size, limit) if calib else None,
+        calibration_batches=-(-samples // batch_size),
+        jobs=jobs,
+        memory_budget_mb=recipe_doc.calibration.memory_budget_mb,
+        progress=progress,
     )
     instruments = []
     if dump_ir:
@@ -81,10 +84,9 @@ def compile_model(model: str | Path, recipe: str | Path, output: str | Path | No
     evaluation = None
     if eval_set is not None:
         names = [v.name for v in graph.outputs]
-        float_out = run_outputs(str(model), eval_set, batch_size,
-                                lambda it, total, desc: progress(it, -(-total // batch_size), desc), "float model")
-        quant_out = run_outputs(str(output), eval_set, batch_size,
-                                lambda it, total, desc: progress(it, -(-total // batch_size), desc), "quantized model")
+        batches = lambda it, total, desc: progress(it, -(-total // batch_size), desc)  # noqa: E731
+        float_out = run_outputs(str(model), eval_set, batch_size, batches, "float model")
+        quant_out = run_outputs(str(output), eval_set, batch_size, batches, "quantized model")
         evaluation = compare(float_out, quant_out, names, eval_set.labels).as_dict()
 
     result = build_report(model=str(model), output=str(output), recipe=str(recipe), passes=manager.records,

@@ -173,6 +173,27 @@ def _converter(array: np.ndarray, model_input: ModelInput, pp, source: str) -> C
     return convert
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """A picklable recipe for a data set: worker processes re-open it and read their shard."""
+
+    path: str
+    inputs: tuple[ModelInput, ...]
+    preprocessing: object | None
+    batch_size: int
+    limit: int | None = None
+
+    def open(self) -> Dataset:
+        return load_dataset(self.path, list(self.inputs), self.preprocessing)
+
+    def batches(self, shard: int = 0, shards: int = 1, dataset: Dataset | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Batches number shard, shard + shards, ... (all of them for shards=1)."""
+        dataset = dataset or self.open()
+        for index, batch in enumerate(dataset.batches(self.batch_size, self.limit)):
+            if index % shards == shard:
+                yield batch
+
+
 def batch_size_for(inputs: list[ModelInput], requested: int) -> int:
     """The model's fixed batch size if its inputs pin one (e.g. 1), else the requested size."""
     fixed = {m.shape[0] for m in inputs if m.shape and isinstance(m.shape[0], int) and m.shape[0] > 0}

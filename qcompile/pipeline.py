@@ -53,8 +53,10 @@ class PassContext:
     """What a pass may read besides the graph. Built by the caller (CLI, tests, API)."""
 
     scheme: Any = None  # recipe.Quantization: the tensor-class quantization settings
-    calibration_data: Callable[[], Iterable[Batch]] | None = None  # re-iterable batches
-    calibration_samples: int = 0
+    calibration: Any = None  # data.DataSource (picklable, so worker processes can read shards)
+    calibration_batches: int = 0  # for progress bars
+    jobs: int = 1  # processes for statistics collection
+    memory_budget_mb: int = 512  # bytes of exposed activations per batch and session
     progress: Callable[[Iterable, int, str], Iterable] = lambda it, total, desc: it
     notes: dict[str, list] = field(default_factory=dict)
 
@@ -62,10 +64,10 @@ class PassContext:
         """Record something for the report (e.g. 'float_nodes': {node, op, reason})."""
         self.notes.setdefault(section, []).append(item)
 
-    def calibration_batches(self, pass_name: str) -> Iterator[Batch]:
-        if self.calibration_data is None:
+    def require_calibration(self, pass_name: str):
+        if self.calibration is None:
             raise QCompileError(f"[{pass_name}] needs calibration data; pass --calib DATA")
-        return iter(self.calibration_data())
+        return self.calibration
 
 
 class Pass:

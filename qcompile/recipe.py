@@ -108,6 +108,7 @@ class Preprocessing(_Strict):
 class Calibration(_Strict):
     batch_size: int = Field(16, gt=0)
     max_samples: int | None = Field(None, gt=0)
+    memory_budget_mb: int = Field(512, gt=0, description="activations exposed per batch and onnxruntime session")
 
 
 class Recipe(_Strict):

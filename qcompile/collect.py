@@ -1,0 +1,124 @@
+"""Collect calibration statistics: onnxruntime runs the float model, calibrators observe.
+
+Memory: only the tensors of one group are exposed as outputs of a session, and only one batch
+of them is alive at a time; groups are formed so that a batch of a group's tensors stays under
+a byte budget (a model whose activations exceed it is run once per group). Memory therefore
+depends on the batch size and the budget, never on the number of calibration samples.
+
+Parallelism: with jobs > 1 each group's batches are split round-robin into `jobs` shards, each
+shard is observed in its own process, and the shards' calibrators are merged
+(Calibrator.merge), which is exact for max, histogram and moment statistics.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .calibration import Calibrator, make_calibrator
+from .data import DataSource
+from .errors import CalibrationError
+from .ir import Value
+from .qtypes import QuantSpec
+
+logger = logging.getLogger(__name__)
+Progress = Callable[[Iterable, int, str], Iterable]
+
+
+def _bytes_per_batch(value: Value, batch_size: int) -> int:
+    if not value.shape:
+        return 4 * batch_size
+    dims = [d if isinstance(d, int) and d > 0 else batch_size for d in value.shape]
+    return 4 * math.prod(dims)
+
+
+def group_by_budget(values: list[Value], batch_size: int, budget_bytes: int) -> list[list[Value]]:
+    """Consecutive groups whose tensors of one batch stay under the budget (one tensor may exceed it alone)."""
+    groups: list[list[Value]] = [[]]
+    used = 0
+    for value in values:
+        size = _bytes_per_batch(value, batch_size)
+        if groups[-1] and used + size > budget_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(value)
+        used += size
+    return [g for g in groups if g]
+
+
+def _with_outputs(model: onnx.ModelProto, values: list[Value]) -> bytes:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    existing = {o.name for o in copy.graph.output}
+    for value in values:
+        if value.name not in existing:
+            copy.graph.output.append(helper.make_tensor_value_info(value.name, value.dtype or onnx.TensorProto.FLOAT, None))
+    return copy.SerializeToString()
+
+
+def _session(model_bytes: bytes):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # The statistics are those of the float graph as written (no fusions that could change values).
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def observe_batches(model_bytes: bytes, calibrators: dict[str, Calibrator], batches: Iterable[dict]) -> int:
+    """Run each batch; hand every requested tensor to its calibrator. Returns samples seen."""
+    session = _session(model_bytes)
+    names = list(calibrators)
+    seen = 0
+    for feeds in batches:
+        for name, array in zip(names, session.run(names, feeds)):
+            calibrators[name].observe(array)
+        seen += len(next(iter(feeds.values())))
+    return seen
+
+
+def _shard_worker(model_bytes: bytes, specs: dict[str, tuple[type, QuantSpec]], source: DataSource,
+                  shard: int, shards: int) -> tuple[dict[str, Calibrator], int]:
+    calibrators = {name: cls(spec, cls.Options(**spec.calibrator_options)) for name, (cls, spec) in specs.items()}
+    seen = observe_batches(model_bytes, calibrators, source.batches(shard, shards))
+    return calibrators, seen
+
+
+def collect_statistics(model: onnx.ModelProto, values: list[Value], source: DataSource, *, jobs: int = 1,
+                       budget_bytes: int = 512 << 20, progress: Progress | None = None,
+                       batch_count: int = 0) -> tuple[dict[str, Calibrator], dict]:
+    """Calibrators for `values` after observing the whole data source; and run statistics."""
+    progress = progress or (lambda it, total, desc: it)
+    groups = group_by_budget(values, source.batch_size, budget_bytes)
+    result: dict[str, Calibrator] = {}
+    samples = 0
+    dataset = source.open() if jobs == 1 else None
+    for index, group in enumerate(groups):
+        calibrators = {v.name: make_calibrator(v.quant) for v in group}
+        model_bytes = _with_outputs(model, group)
+        desc = "calibrating" if len(groups) == 1 else f"calibrating group {index + 1}/{len(groups)}"
+        if jobs == 1:
+            samples = observe_batches(model_bytes, calibrators, progress(source.batches(dataset=dataset), batch_count, desc))
+        else:
+            specs = {name: (type(c), c.spec) for name, c in calibrators.items()}
+            context = multiprocessing.get_context("spawn")  # onnxruntime's threads do not survive fork
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+                futures = [pool.submit(_shard_worker, model_bytes, specs, source, shard, jobs) for shard in range(jobs)]
+                samples = 0
+                for future in progress(futures, jobs, desc):
+                    shard_calibrators, seen = future.result()
+                    samples += seen
+                    for name, calibrator in shard_calibrators.items():
+                        if calibrator.samples:
+                            calibrators[name].merge(calibrator)
+        if samples == 0:
+            raise CalibrationError(f"the calibration data '{source.path}' yielded no samples")
+        result.update(calibrators)
+    return result, {"samples": samples, "groups": len(groups), "jobs": jobs}
