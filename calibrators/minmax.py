@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from qcompile.calibration import Calibrator, Range, channel_view
+from qcompile.errors import CalibrationError
 from qcompile.registry import register_calibrator
 
 
@@ -24,6 +25,19 @@ class MaxCalibrator(Calibrator):
         self._lo = lo if self._lo is None else np.minimum(self._lo, lo)
         self._hi = hi if self._hi is None else np.maximum(self._hi, hi)
         self.samples += 1
+
+    def merge(self, other: Calibrator) -> None:
+        if type(other) is not type(self) or other.spec != self.spec:
+            raise CalibrationError(f"cannot merge calibrator '{other.name}' {other.spec} "
+                                   f"into 'max' {self.spec}")
+        if other._lo is None:
+            return
+        if self._lo is not None and self._lo.shape != other._lo.shape:
+            raise CalibrationError(f"cannot merge max statistics of {self._lo.size} "
+                                   f"and {other._lo.size} channels")
+        self._lo = other._lo if self._lo is None else np.minimum(self._lo, other._lo)
+        self._hi = other._hi if self._hi is None else np.maximum(self._hi, other._hi)
+        self.samples += other.samples
 
     def compute_range(self) -> Range:
         self._require_data()

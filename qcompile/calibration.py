@@ -51,6 +51,13 @@ class Calibrator(abc.ABC):
     def compute_range(self) -> Range:
         """The range to quantize; raises CalibrationError if nothing was observed."""
 
+    def merge(self, other: "Calibrator") -> None:
+        """Fold in the statistics `other` (same class, spec and options) collected on another
+        shard of the data, as if this calibrator had also observed other's batches, after its
+        own. Exact for max, histogram and moment statistics; raises CalibrationError for a
+        calibrator of another kind or spec."""
+        raise NotImplementedError(f"calibrator '{self.name}' ({type(self).__name__}) cannot merge shards")
+
     def _require_data(self, tensor: str = "tensor") -> None:
         if self.samples == 0:
             raise CalibrationError(f"calibrator '{self.name}' has observed no data for {tensor}")
