@@ -74,14 +74,9 @@ class AnnotatePass(Pass):
         annotated = 0
         for node in quantized:
             rule = rule_for(node)
-            override = scheme.override_for(node.name)
-            weights_cfg = (override.weights if override and override.weights else None) or scheme.weights
-            acts_cfg = (override.activations if override and override.activations else None) or scheme.activations
 
-            def act_spec(value: Value):
-                tensor_override = scheme.override_for(value.name)
-                cfg = tensor_override.activations if tensor_override and tensor_override.activations else acts_cfg
-                return cfg.spec(nonnegative=id(value) in nonneg)
+            def act_spec(value: Value, node: Node = node):
+                return scheme.activations_for(node.name, value.name).spec(nonnegative=id(value) in nonneg)
 
             for index in activation_inputs(node, rule):
                 value = node.input(index)
@@ -94,7 +89,8 @@ class AnnotatePass(Pass):
                 weight = node.input(rule.weight_input)
                 if weight is not None and _is_float(weight):
                     if weight.is_const:
-                        spec = weights_cfg.spec(axis=rule.weight_axis(node) if rule.weight_axis else None)
+                        axis = rule.weight_axis(node) if rule.weight_axis else None
+                        spec = scheme.weights_for(node.name, weight.name).spec(axis=axis)
                     else:
                         spec = act_spec(weight)
                     if weight.quant is None or weight.quant == spec:

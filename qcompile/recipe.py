@@ -86,6 +86,22 @@ class Quantization(_Strict):
                 found = override
         return found
 
+    def weights_for(self, *names: str) -> WeightQuant:
+        """Weight settings for a weight or its node: the last matching override that sets them."""
+        found = self.weights
+        for override in self.overrides:
+            if override.weights is not None and any(override.matches(n) for n in names if n):
+                found = override.weights
+        return found
+
+    def activations_for(self, *names: str) -> ActivationQuant:
+        """Activation settings for a tensor or a node that reads/writes it (last matching override wins)."""
+        found = self.activations
+        for override in self.overrides:
+            if override.activations is not None and any(override.matches(n) for n in names if n):
+                found = override.activations
+        return found
+
 
 class Preprocessing(_Strict):
     """How images (a folder of jpg/png, or uint8 arrays) become model input. Pixel units 0..255."""

@@ -156,3 +156,23 @@ def test_override_keeps_a_node_float(tmp_path, digits_model, digits_calib):
         "calibration:", "  overrides:\n    - match: '/fc/.*'\n      quantize: false\ncalibration:"))
     report = compile_model(digits_model, recipe, tmp_path / "o.onnx", calib=digits_calib)
     assert [f["op"] for f in report["float_nodes"]] == ["Gemm"]
+
+
+def test_overrides_by_tensor_name_pick_calibrator_bits_and_signedness(tmp_path, digits_model, digits_calib):
+    recipe = write_recipe(tmp_path / "r.yaml", (RECIPES / "int8_sym.yaml").read_text().replace(
+        "calibration:",
+        "  overrides:\n"
+        "    - match: 'fc\\.weight.*'\n      weights: {bits: 4, granularity: per_tensor}\n"
+        "    - match: '/head/.*'\n      activations: {calibrator: percentile, calibrator_options: {percentile: 99.0}}\n"
+        "calibration:"))
+    report = compile_model(digits_model, recipe, tmp_path / "o.onnx", calib=digits_calib)
+    ranges = {r["tensor"]: r for r in report["ranges"]}
+    fc = next(r for name, r in ranges.items() if name.startswith("fc.weight"))
+    assert fc["bits"] == 4 and fc["axis"] is None
+    head = [r for name, r in ranges.items() if name.startswith("/head/")]
+    assert head and all(r["calibrator"] == "percentile" for r in head)
+    others = [r for name, r in ranges.items() if r["kind"] == "activation" and not name.startswith("/head/")]
+    assert others and all(r["calibrator"] == "max" for r in others)
+    model = onnx.load(str(tmp_path / "o.onnx"))
+    codes = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name.startswith("fc.weight") and t.name.endswith("_quantized"))
+    assert codes.min() >= -7 and codes.max() <= 7 and max(-int(codes.min()), int(codes.max())) == 7
