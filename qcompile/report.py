@@ -39,6 +39,7 @@ def build_report(*, model: str, output: str, recipe: str, passes: list, notes: d
                    for p in passes],
         "float_nodes": notes.get("float_nodes", []),
         "ranges": notes.get("ranges", []),
+        "notes": {k: v for k, v in notes.items() if k not in ("float_nodes", "ranges")},
         "evaluation": evaluation,
         "seconds_total": round(seconds, 3),
     })
