@@ -88,18 +88,18 @@ class Quantization(_Strict):
 
     def weights_for(self, *names: str) -> WeightQuant:
         """Weight settings for a weight or its node: the last matching override that sets them."""
-        found = self.weights
-        for override in self.overrides:
-            if override.weights is not None and any(override.matches(n) for n in names if n):
-                found = override.weights
-        return found
+        return self._last_setting("weights", names)
 
     def activations_for(self, *names: str) -> ActivationQuant:
         """Activation settings for a tensor or a node that reads/writes it (last matching override wins)."""
-        found = self.activations
+        return self._last_setting("activations", names)
+
+    def _last_setting(self, kind: str, names: tuple[str, ...]):
+        found = getattr(self, kind)
         for override in self.overrides:
-            if override.activations is not None and any(override.matches(n) for n in names if n):
-                found = override.activations
+            setting = getattr(override, kind)
+            if setting is not None and any(override.matches(n) for n in names if n):
+                found = setting
         return found
 
 
