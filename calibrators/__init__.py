@@ -1,7 +1,10 @@
-"""Built-in calibrators; each module registers one calibrator by its recipe name."""
-from . import aciq  # noqa: F401  (registers "aciq")
-from . import ema_max  # noqa: F401  (registers "ema_max")
-from . import entropy  # noqa: F401  (registers "entropy")
-from . import minmax  # noqa: F401  (registers "max")
-from . import mse  # noqa: F401  (registers "mse")
-from . import percentile  # noqa: F401  (registers "percentile")
+"""Built-in calibrators: every module in this package registers one calibrator by its recipe name.
+
+Modules are imported automatically, so adding a calibrator is adding one module.
+"""
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")

@@ -60,6 +60,7 @@ class CalibratePass(Pass):
             except CalibrationError as exc:
                 raise CalibrationError(f"tensor '{name}': {exc}") from None
             value.qparams = qparams_from_range(chosen.lo, chosen.hi, value.quant)
+            value.meta["calibrator"] = calibrator  # its statistics, for refine passes (never exported)
 
         shared = 0
         for node in graph.nodes:  # topological: a chain of Reshape/MaxPool inherits from its start
