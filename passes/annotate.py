@@ -6,7 +6,8 @@ After:   the same graph, with QuantSpecs on x, W, y and the Conv output marked f
          output is never quantized on its own).
 
 Rules come from qcompile.op_rules (one entry per op type). A node is quantized when its op has
-a rule and no override says `quantize: false`; everything else stays float and is reported with
+a rule, no override says `quantize: false` and no earlier pass set node.meta["keep_float"] (a
+reason string); a value whose meta["nonnegative"] an earlier pass set counts as non-negative; everything else stays float and is reported with
 its reason. Activations that are provably non-negative (outputs of Relu, Clip(min >= 0),
 Sigmoid, HardSigmoid, and ops that preserve non-negativity) get unsigned codes when the recipe's
 `unsigned_when_nonnegative` is on: the symmetric grid [0, 255] with zero point 0 doubles the
@@ -33,6 +34,8 @@ def _nonnegative_values(graph: Graph) -> set[int]:
     for value in graph.values.values():
         if value.is_const and value.const.size and value.const.dtype.kind == "f" and value.const.min() >= 0:
             nonneg.add(id(value))
+        if value.meta.get("nonnegative"):  # proven by the pass that made it (e.g. hswish_shift)
+            nonneg.add(id(value))
     for node in graph.nodes:
         rule = rule_for(node)
         if rule is None:
@@ -40,7 +43,7 @@ def _nonnegative_values(graph: Graph) -> set[int]:
         flags = [v is not None and id(v) in nonneg for v in node.inputs]
         if node.op_type in ("Reshape", "Squeeze", "Unsqueeze", "Pad"):
             flags = flags[:1]  # shape / pads inputs say nothing about the data
-        if rule.nonnegative_output(node, flags):
+        if rule.nonnegative_output(node, flags) or all(o.meta.get("nonnegative") for o in node.outputs):
             nonneg.update(id(o) for o in node.outputs)
     return nonneg
 
@@ -122,6 +125,8 @@ class AnnotatePass(Pass):
         override = scheme.override_for(node.name)
         if override is not None and not override.quantize:
             return f"recipe override '{override.match}' keeps it float"
+        if node.meta.get("keep_float"):  # set by an earlier pass, e.g. exclude_layers
+            return str(node.meta["keep_float"])
         data = [node.input(i) for i in activation_inputs(node, rule)] or [node.input(0)]
         if not any(v is not None and _is_float(v) for v in data):
             return "no floating-point data input"
