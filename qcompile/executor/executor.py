@@ -154,12 +154,15 @@ class IntegerExecutor:
 
 
 def _integer_cast(node: onnx.NodeProto, input_dtypes: list) -> bool:
-    """Cast from one integer type to another is exact integer arithmetic (lookup-table indices)."""
+    """A widening Cast between integer types (e.g. codes to int32 lookup-table indices) is exact."""
     if node.op_type != "Cast" or not input_dtypes:
         return False
     to = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "to"), None)
-    return to is not None and np.dtype(helper.tensor_dtype_to_np_dtype(to)).kind in "iu" \
-        and all(np.dtype(d).kind in "iu" for d in input_dtypes)
+    if to is None:
+        return False
+    target = np.dtype(helper.tensor_dtype_to_np_dtype(to))
+    return target.kind in "iu" and all(np.dtype(d).kind in "iu" and np.can_cast(d, target, "safe")
+                                        for d in input_dtypes)
 
 
 def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray], mode: str = "onnx") -> dict[str, np.ndarray]:
