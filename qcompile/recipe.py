@@ -129,7 +129,7 @@ class Calibration(_Strict):
 
 class Recipe(_Strict):
     version: Literal[1] = 1
-    target: Literal["qdq"] = "qdq"
+    target: Literal["qdq", "qoperator"] = "qdq"
     quantization: Quantization = Field(default_factory=Quantization)
     calibration: Calibration = Field(default_factory=Calibration)
     preprocessing: Preprocessing | None = None
@@ -245,4 +245,9 @@ def build_passes(recipe: Recipe, source: str) -> list[Pass]:
             raise RecipeError(f"{source}: passes[{index}].{name}.{_first_error(exc)}{allowed}") from None
         passes.append(cls(opts))
     check_pipeline(passes, where=source)
+    lowers_to_qoperator = any(p.name == "fuse_requant" for p in passes)
+    if recipe.target == "qoperator" and not lowers_to_qoperator:
+        raise RecipeError(f"{source}: target: qoperator needs the 'fuse_requant' pass after 'insert_qdq'")
+    if recipe.target == "qdq" and lowers_to_qoperator:
+        raise RecipeError(f"{source}: 'fuse_requant' writes QOperator nodes; set target: qoperator")
     return passes
