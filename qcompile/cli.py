@@ -8,13 +8,14 @@ import sys
 from . import __version__
 from .errors import QCompileError
 
-EXIT_OK, EXIT_BUG, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_VERIFY = 0, 1, 2, 4
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qcompile", description="Post-training quantization of an ONNX model, as a recipe says.",
-        epilog="exit codes: 0 ok; 2 usage or input error (message names the file/field); 1 internal error")
+        epilog="exit codes: 0 ok; 2 usage or input error (message names the file/field); 4 --verify found the "
+               "integer model off by more than 1 LSB; 1 internal error. Also: qcompile verify MODEL --data DATA")
     parser.add_argument("model", help="float ONNX model (never modified)")
     parser.add_argument("--recipe", required=True, help="YAML recipe (see README: recipe reference)")
     parser.add_argument("-o", "--output", help="quantized model path (default: MODEL stem + .int8.onnx)")
@@ -26,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="import a module that registers passes/calibrators (repeatable)")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="collect calibration statistics in N processes and merge them (default 1)")
+    parser.add_argument("--verify", action="store_true",
+                        help="after writing, run the integer reference executor against onnxruntime on the "
+                             "--eval (or --calib) data; exit 4 if any code differs by more than 1 LSB")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each pass")
     parser.add_argument("--version", action="version", version=f"qcompile {__version__}")
@@ -41,7 +45,51 @@ def _progress(quiet: bool):
                                         disable=None)
 
 
+def _verify_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qcompile verify",
+        description="Run an integer model in the integer reference executor and in onnxruntime and compare them "
+                    "tensor by tensor (QDQ models are lowered to QOperator first).",
+        epilog="exit codes: 0 every code within 1 LSB of onnxruntime; 4 some code differs by more; 2 usage or input error")
+    parser.add_argument("model", help="quantized ONNX model (QOperator, or QDQ)")
+    parser.add_argument("--data", required=True, help=".npy, .npz or image folder (see README: Data)")
+    parser.add_argument("--float", dest="float_model", help="the float model, for SQNR per tensor and output")
+    parser.add_argument("--mode", choices=["onnx", "fixed-point"], default="onnx",
+                        help="requantization: onnx (float scale, ties to even) or fixed-point (gemmlowp)")
+    parser.add_argument("--samples", type=int, default=50, help="samples to run (default 50)")
+    parser.add_argument("--recipe", help="recipe whose preprocessing block applies to images / uint8 data")
+    parser.add_argument("--json", help="write the comparison as JSON here")
+    return parser
+
+
+def verify_main(argv: list[str]) -> int:
+    args = _verify_parser().parse_args(argv)
+    from .recipe import load_recipe
+    from .report import write_json
+    from .verify import verify
+
+    try:
+        preprocessing = None
+        if args.recipe:
+            from .registry import load_builtins_and_entry_points
+
+            load_builtins_and_entry_points()
+            preprocessing = load_recipe(args.recipe).preprocessing
+        result = verify(args.model, args.data, float_model=args.float_model, mode=args.mode, samples=args.samples,
+                        preprocessing=preprocessing)
+    except QCompileError as exc:
+        print(f"qcompile verify: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(result.table())
+    if args.json:
+        write_json(result.as_dict(), args.json)
+    return EXIT_OK if result.passed else EXIT_VERIFY
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["verify"]:
+        return verify_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.jobs < 1:
@@ -54,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = compile_model(args.model, args.recipe, args.output, calib=args.calib, eval_data=args.eval_data,
                                report=args.report, dump_ir=args.dump_ir, plugins=args.plugin,
-                               progress=_progress(args.quiet), jobs=args.jobs)
+                               progress=_progress(args.quiet), jobs=args.jobs, verify=args.verify)
     except QCompileError as exc:
         print(f"qcompile: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -63,6 +111,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if not args.quiet:
         print(summary(report))
+    verification = report.get("verification")
+    if verification is not None and not args.quiet:
+        checks = verification["outputs"] + verification["layers"]
+        print(f"  verify ({verification['mode']} mode, {verification['samples']} samples): "
+              f"{'PASS' if verification['passed'] else 'FAIL'}; {len(checks)} tensors, "
+              f"min identical {100 * min(c['identical'] for c in checks):.2f}%, "
+              f"max {max(c['max_lsb'] for c in checks)} LSB vs onnxruntime")
+    if verification is not None and not verification["passed"]:
+        worst = max(verification["outputs"] + verification["layers"], key=lambda c: c["max_lsb"])
+        print(f"qcompile: verification failed: tensor '{worst['tensor']}' differs from onnxruntime by "
+              f"{worst['max_lsb']} LSB", file=sys.stderr)
+        return EXIT_VERIFY
     return EXIT_OK
 
 

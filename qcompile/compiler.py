@@ -41,7 +41,8 @@ def _same_file(a: Path, b: Path) -> bool:
 def compile_model(model: str | Path, recipe: str | Path, output: str | Path | None = None, *,
                   calib: str | Path | None = None, eval_data: str | Path | None = None,
                   report: str | Path | None = None, dump_ir: str | Path | None = None,
-                  plugins: Iterable[str] = (), progress: Progress | None = None, jobs: int = 1) -> dict:
+                  plugins: Iterable[str] = (), progress: Progress | None = None, jobs: int = 1,
+                  verify: bool = False) -> dict:
     """Quantize `model` as `recipe` says and write it to `output`; returns the report dict."""
     start = time.perf_counter()
     model, recipe = Path(model), Path(recipe)
@@ -89,9 +90,20 @@ def compile_model(model: str | Path, recipe: str | Path, output: str | Path | No
         quant_out = run_outputs(str(output), eval_set, batch_size, batches, "quantized model")
         evaluation = compare(float_out, quant_out, names, eval_set.labels).as_dict()
 
+    verification = None
+    if verify:  # integer reference executor vs onnxruntime (and vs the float model) on the output
+        from .verify import verify as verify_model
+
+        data = eval_data or calib
+        if data is None:
+            raise QCompileError("--verify needs --eval or --calib data to run the models on")
+        verification = verify_model(output, data, float_model=model, preprocessing=recipe_doc.preprocessing)
+
     result = build_report(model=str(model), output=str(output), recipe=str(recipe), passes=manager.records,
                           notes=ctx.notes, opsets={"source": graph.model_props.get("source_opset"),
                                                    "output": graph.opset("")},
                           evaluation=evaluation, seconds=time.perf_counter() - start)
+    if verification is not None:
+        result["verification"] = verification.as_dict()
     write_json(result, report or output.with_name(output.stem + ".report.json"))
     return result
