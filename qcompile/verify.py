@@ -105,7 +105,7 @@ def _code_tensors(model: onnx.ModelProto) -> list[tuple[str, str, np.ndarray | N
             zp = inits.get(node.input[z]) if len(node.input) > z else None
             found.append((node.output[0], node.op_type, scale, zp))
         elif node.op_type == "Gather" and node.input[0] in inits and inits[node.input[0]].dtype in (np.int8, np.uint8):
-            found.append((node.output[0], "lookup table", None, None))
+            found.append((node.output[0], "lookup table", None, inits[node.input[0]][:0]))
     return found
 
 
@@ -136,6 +136,9 @@ def verify(model_path: str | Path, data: str | Path, *, float_model: str | Path 
         raise QCompileError(f"{model_path}: no integer operators to verify (not a quantized model?)")
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for name, _, _, zp in codes:  # contrib ops have no inferred types: the zero point's type is the codes' type
+        if zp is not None:
+            types[name] = helper.np_dtype_to_tensor_dtype(zp.dtype)
     names = [name for name, *_ in codes]
     probe = _with_outputs(model, names, types)
     ort_session = session_from_proto(probe)
