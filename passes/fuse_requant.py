@@ -267,6 +267,12 @@ def _lower_on_codes(low: _Lowering, m: Match) -> Node | None:
     rest = list(m.node.inputs[1:])
     if m.node.op_type == "Pad" and len(rest) >= 2 and rest[1] is not None:
         rest[1] = low.graph.add_constant(f"{m.node.name}_pad_code", x.zero_point.const.reshape(()).copy())
+    if m.node.op_type == "Min":  # the constant bound in codes of the same grid: min commutes with Q
+        bound = rest[0].const.astype(np.float32)
+        codes = round_half_even(bound / x.scale.const.astype(np.float32)) + x.zero_point.const.astype(np.float32)
+        info = np.iinfo(x.zero_point.const.dtype)
+        rest[0] = low.graph.add_constant(f"{m.node.name}_bound_codes",
+                                         np.clip(codes, info.min, info.max).astype(x.zero_point.const.dtype))
     attributes = {name: m.node.attr(name) for name in m.node.attributes}
     return low.replace(m, m.node.op_type, [x.codes, *rest], attributes)
 
@@ -330,7 +336,7 @@ LOWERINGS: dict[str, tuple[Callable[[Node], list[int]], Callable[[_Lowering, Mat
                                           "kernel_shape", "pads", "strides", extra={"channels_last": 0})),
     **{op: (lambda n: [0], _lower_table) for op in ("HardSwish", "HardSigmoid", "Tanh")},
     **{op: (lambda n: [0], _lower_on_codes) for op in
-       ("MaxPool", "GlobalMaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Pad")},
+       ("MaxPool", "GlobalMaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Pad", "Min")},
 }
 
 

@@ -92,6 +92,13 @@ def _pad_refuse(node: Node) -> str:
         return ""
     return "Pad constant_value is not 0"
 
+def _min_refuse(node: Node) -> str:
+    bound = node.input(1)
+    if len(node.inputs) == 2 and bound is not None and bound.is_const and bound.const.size and bound.const.min() >= 0:
+        return ""
+    return "Min is quantized only as a clamp by a constant >= 0 (equalize_cross_layer's per-channel ReLU6 bound)"
+
+
 register_op_rule("Conv", "ConvTranspose", rule=OpRule(weight_input=1, weight_axis=_conv_weight_axis, bias_input=2))
 register_op_rule("Gemm", rule=OpRule(weight_input=1, weight_axis=_gemm_weight_axis, bias_input=2))
 register_op_rule("MatMul", rule=OpRule(activation_inputs=(0,), weight_input=1, weight_axis=_matmul_weight_axis))
@@ -106,6 +113,9 @@ register_op_rule("Sigmoid", "HardSigmoid", rule=OpRule(nonnegative_output=_alway
 register_op_rule("HardSwish", rule=OpRule())
 register_op_rule("MaxPool", "GlobalMaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze",
                  rule=OpRule(share_input_scale=True, nonnegative_output=_first_input_nonneg))
+# Min(x, c) with a constant c >= 0 (a per-channel ReLU6 bound after equalization) is a clamp: the
+# output keeps the input's grid, and min commutes with quantization.
+register_op_rule("Min", rule=OpRule(share_input_scale=True, nonnegative_output=_all_inputs_nonneg, refuse=_min_refuse))
 register_op_rule("Pad", rule=OpRule(share_input_scale=True, nonnegative_output=_first_input_nonneg, refuse=_pad_refuse))
 
 # Concat quantizes every input: its activation_inputs are all of them, decided per node.

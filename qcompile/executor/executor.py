@@ -154,8 +154,14 @@ class IntegerExecutor:
 
 
 def _integer_cast(node: onnx.NodeProto, input_dtypes: list) -> bool:
-    """A widening Cast between integer types (e.g. codes to int32 lookup-table indices) is exact."""
-    if node.op_type != "Cast" or not input_dtypes:
+    """Float-fallback ops that are exact integer arithmetic on these inputs: a widening Cast between
+    integer types (codes to int32 lookup-table indices), and Min/Max/Clip of codes of one type
+    (a clamp on codes: min and max commute with the monotone quantization)."""
+    if not input_dtypes:
+        return False
+    if node.op_type in ("Min", "Max", "Clip"):
+        return len({np.dtype(d) for d in input_dtypes}) == 1 and np.dtype(input_dtypes[0]).kind in "iu"
+    if node.op_type != "Cast":
         return False
     to = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "to"), None)
     if to is None:
