@@ -42,3 +42,11 @@ def ort_run(model_path, feeds: dict) -> list[np.ndarray]:
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def plain_recipe(directory: Path, base: str = "int8_sym.yaml") -> Path:
+    """A shipped recipe's quantization settings with only the core passes (no refinements)."""
+    head = (RECIPES / base).read_text().split("passes:")[0]
+    path = Path(directory) / f"plain_{base}"
+    path.write_text(head + "passes:\n  - fold_batchnorm\n  - annotate\n  - calibrate\n  - insert_qdq\n")
+    return path
