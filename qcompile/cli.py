@@ -1,4 +1,5 @@
-"""The `qcompile` command. Exit codes: 0 ok, 2 usage or input error, 1 internal error (a bug)."""
+"""The `qcompile` command. Exit codes: 0 ok, 2 usage or input error, 3 quality gate failed (model and
+report written), 1 internal error (a bug)."""
 from __future__ import annotations
 
 import argparse
@@ -9,12 +10,14 @@ from . import __version__
 from .errors import QCompileError
 
 EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_VERIFY = 0, 1, 2, 4
+EXIT_GATE = 3  # a gate check failed; the model and the report are still written
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qcompile", description="Post-training quantization of an ONNX model, as a recipe says.",
-        epilog="exit codes: 0 ok; 2 usage or input error (message names the file/field); 4 --verify found the "
+        epilog="exit codes: 0 ok; 2 usage or input error (message names the file/field); 3 quality gate failed "
+               "(one line on stderr; model, report and --junit still written); 4 --verify found the "
                "integer model off by more than 1 LSB; 1 internal error. Also: qcompile verify MODEL --data DATA")
     parser.add_argument("model", help="float ONNX model (never modified)")
     parser.add_argument("--recipe", required=True, help="YAML recipe (see README: recipe reference)")
@@ -27,6 +30,20 @@ def _parser() -> argparse.ArgumentParser:
                         help="import a module that registers passes/calibrators (repeatable)")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="collect calibration statistics in N processes and merge them (default 1)")
+    parser.add_argument("--metrics", help="comma-separated metric names to evaluate (default: the recipe's "
+                        "evaluation.metrics, else top1/top5/agreement/sqnr/cosine/kl where they apply)")
+    parser.add_argument("--max-drop", action="append", default=[], metavar="[METRIC=]N",
+                        help="gate: fail (exit 3) if METRIC drops more than N (its unit: points for top1); "
+                             "METRIC defaults to top1 with labels, else agreement (repeatable)")
+    parser.add_argument("--min", dest="gate_min", action="append", default=[], metavar="METRIC=N",
+                        help="gate: fail (exit 3) if the quantized METRIC is below N, e.g. sqnr=30 (repeatable)")
+    parser.add_argument("--max", dest="gate_max", action="append", default=[], metavar="METRIC=N",
+                        help="gate: fail (exit 3) if the quantized METRIC is above N, e.g. kl=0.05 (repeatable)")
+    parser.add_argument("--sensitivity", action="store_true",
+                        help="rank layers by the damage their quantization does (recipe: sensitivity)")
+    parser.add_argument("--junit", metavar="FILE", help="write the gate as JUnit XML (one testcase per check)")
+    parser.add_argument("--html", metavar="FILE", help="HTML report (default: report stem + .html)")
+    parser.add_argument("--markdown", metavar="FILE", help="Markdown summary (default: report stem + .md)")
     parser.add_argument("--verify", action="store_true",
                         help="after writing, run the integer reference executor against onnxruntime on the "
                              "--eval (or --calib) data; exit 4 if any code differs by more than 1 LSB")
@@ -97,20 +114,33 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from .compiler import compile_model
+    from .gate import checks_from_cli
     from .report import summary
 
     try:
+        gate = checks_from_cli(args.max_drop, args.gate_min, args.gate_max)
+        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
         report = compile_model(args.model, args.recipe, args.output, calib=args.calib, eval_data=args.eval_data,
                                report=args.report, dump_ir=args.dump_ir, plugins=args.plugin,
-                               progress=_progress(args.quiet), jobs=args.jobs, verify=args.verify)
+                               progress=_progress(args.quiet), jobs=args.jobs, verify=args.verify,
+                               metrics=metrics, gate=gate, sensitivity=args.sensitivity,
+                               html=args.html or True, markdown=args.markdown or True)
     except QCompileError as exc:
         print(f"qcompile: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("qcompile: interrupted; no output written", file=sys.stderr)
         return 130
+    if args.junit:
+        from .junit import write_junit
+
+        write_junit(report, args.junit)
     if not args.quiet:
         print(summary(report))
+    gate_failed = report.get("gate") is not None and not report["gate"]["passed"]
+    if gate_failed:
+        failures = [c["message"] for c in report["gate"]["checks"] if not c["passed"]]
+        print(f"qcompile: gate failed: {'; '.join(failures)}", file=sys.stderr)
     verification = report.get("verification")
     if verification is not None and not args.quiet:
         checks = verification["outputs"] + verification["layers"]
@@ -123,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qcompile: verification failed: tensor '{worst['tensor']}' differs from onnxruntime by "
               f"{worst['max_lsb']} LSB", file=sys.stderr)
         return EXIT_VERIFY
-    return EXIT_OK
+    return EXIT_GATE if gate_failed else EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

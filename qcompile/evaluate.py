@@ -2,43 +2,82 @@
 
 Classification outputs ([N, classes]) give top-1/top-5 (when labels exist) and agreement of
 the quantized model's top-1 with the float model's; every output also gets SQNR in dB,
-10·log10(Σ f² / Σ (f − q)²), and the maximum absolute difference.
+10·log10(Σ f² / Σ (f − q)²), cosine similarity and the maximum absolute difference. The named
+metrics of qcompile.metrics (built-in or plugins) are computed on both models (`evaluate`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
+import onnx
 
 from .data import Dataset
+from .metrics import MetricValue, Reference, compute_metrics, cosine_similarity, sqnr_db
+
+__all__ = ["Comparison", "SubsetDataset", "compare", "evaluate", "run_outputs", "session", "sqnr_db", "subset"]
+
+# Protobuf cannot hold more than 2 GiB: larger models go to onnxruntime through a temporary file.
+_IN_MEMORY_LIMIT = 1 << 30
 
 
-def session(model_path: str, threads: int = 0):
+def session(model: str | onnx.ModelProto, threads: int = 0):
+    """An onnxruntime CPU session for a model file or an in-memory ModelProto."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+    if isinstance(model, onnx.ModelProto):
+        if model.ByteSize() < _IN_MEMORY_LIMIT:
+            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory(prefix="qcompile-eval-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
 
 
-def run_outputs(model_path: str, dataset: Dataset, batch_size: int, progress=lambda it, total, desc: it,
-                desc: str = "evaluating") -> list[np.ndarray]:
-    sess = session(model_path)
+def run_outputs(model: str | onnx.ModelProto, dataset: Dataset, batch_size: int,
+                progress=lambda it, total, desc: it, desc: str = "evaluating", threads: int = 0) -> list[np.ndarray]:
+    sess = session(model, threads)
     chunks: list[list[np.ndarray]] = []
     for feeds in progress(dataset.batches(batch_size), len(dataset), desc):
         chunks.append(sess.run(None, feeds))
     return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
 
 
-def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
-    reference = reference.astype(np.float64)
-    noise = np.sum((reference - test.astype(np.float64)) ** 2)
-    signal = np.sum(reference**2)
-    if noise == 0:
-        return float("inf")
-    return float(10 * np.log10(signal / noise)) if signal > 0 else float("-inf")
+class SubsetDataset(Dataset):
+    """Some samples of a data set (by index), e.g. the small set sensitivity variants run on."""
+
+    def __init__(self, parent: Dataset, indices: np.ndarray):
+        labels = parent.labels[indices] if parent.labels is not None else None
+        super().__init__(f"{parent.source}[{len(indices)} of {len(parent)}]", len(indices), labels)
+        self.parent = parent
+        self.indices = np.asarray(indices)
+
+    def _slice(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        parts = [self.parent._slice(int(i), int(i) + 1) for i in self.indices[start:stop]]
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def subset_indices(count: int, samples: int) -> np.ndarray:
+    """`samples` indices spread evenly over [0, count) (all of them when samples >= count)."""
+    if samples >= count:
+        return np.arange(count)
+    return np.unique(np.linspace(0, count - 1, samples).round().astype(np.int64))
+
+
+def subset(dataset: Dataset, samples: int) -> Dataset:
+    """Evenly spaced samples, so a data set sorted by class still gives every class a share."""
+    if samples >= len(dataset):
+        return dataset
+    return SubsetDataset(dataset, subset_indices(len(dataset), samples))
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -65,6 +104,8 @@ def compare(float_outputs: list[np.ndarray], quant_outputs: list[np.ndarray], na
     for name, f, q in zip(names, float_outputs, quant_outputs):
         result.outputs.append({"name": name, "sqnr_db": sqnr_db(f, q),
                                "max_abs_diff": float(np.max(np.abs(f.astype(np.float64) - q)))})
+    for entry, f, q in zip(result.outputs, float_outputs, quant_outputs):
+        entry["cosine"] = cosine_similarity(f, q)
     first_f, first_q = float_outputs[0], quant_outputs[0]
     if first_f.ndim == 2 and first_f.shape[1] > 1:
         result.quantized_metrics["agreement_top1"] = float(np.mean(first_f.argmax(1) == first_q.argmax(1)))
@@ -74,3 +115,16 @@ def compare(float_outputs: list[np.ndarray], quant_outputs: list[np.ndarray], na
                 metrics["top1"] = topk_accuracy(logits, labels, 1)
                 metrics["top5"] = topk_accuracy(logits, labels, 5)
     return result
+
+
+def evaluate(float_outputs: list[np.ndarray], quant_outputs: list[np.ndarray], names: Sequence[str],
+             labels: np.ndarray | None, metric_names: Sequence[str]) -> tuple[dict, dict[str, MetricValue]]:
+    """The report's `evaluation` section (per-output figures, legacy fractions, named metrics) and
+    the metric values themselves, for the gate.
+
+    `float` / `quantized` keep schema-1 keys (fractions: top1 0.8875); `metrics` holds every named
+    metric in its own unit (top1 88.75 %), with the drop the gate reads."""
+    result = compare(float_outputs, quant_outputs, list(names), labels).as_dict()
+    values = compute_metrics(metric_names, quant_outputs, Reference(tuple(names), float_outputs, labels))
+    result["metrics"] = {name: value.as_dict() for name, value in values.items()}
+    return result, values

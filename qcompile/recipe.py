@@ -4,6 +4,7 @@ Every mistake becomes one RecipeError line naming the file, the field path and w
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -14,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import RecipeError, UnknownNameError
 from .pipeline import Pass, check_pipeline
 from .qtypes import QuantSpec
-from .registry import CALIBRATORS, PASSES
+from .registry import CALIBRATORS, METRICS, PASSES
 
 
 class _Strict(BaseModel):
@@ -127,6 +128,73 @@ class Calibration(_Strict):
     memory_budget_mb: int = Field(512, gt=0, description="activations exposed per batch and onnxruntime session")
 
 
+class GateCheck(_Strict):
+    """One check of the quality gate (qcompile exits 3 when a check fails; see qcompile.gate)."""
+
+    metric: str = Field("auto", description="a registered metric; auto: top1 with labels, else agreement")
+    max_drop: float | None = Field(None, ge=0, description="allowed drop, in the metric's unit (points for %)")
+    relative: bool = Field(False, description="max_drop is a percentage of the float model's value")
+    min: float | None = Field(None, description="the quantized value must be >= min")
+    max: float | None = Field(None, description="the quantized value must be <= max")
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> "GateCheck":
+        bounds = [k for k in ("max_drop", "min", "max") if getattr(self, k) is not None]
+        if len(bounds) != 1:
+            got = f" (got {', '.join(bounds)})" if bounds else ""
+            raise ValueError(f"give exactly one of max_drop, min, max{got}")
+        if self.relative and self.max_drop is None:
+            raise ValueError("relative applies to max_drop only")
+        if self.metric != "auto":
+            if self.metric not in METRICS:
+                raise ValueError(f"metric: {METRICS.unknown_message(self.metric)}")
+            ideal = METRICS.get(self.metric).ideal
+            if self.max_drop is not None and ideal is not None and not math.isfinite(ideal):
+                raise ValueError(f"metric '{self.metric}' is {ideal} for the float model, so no drop from it is "
+                                 f"measurable; gate it with min instead")
+        return self
+
+
+class Evaluation(_Strict):
+    metrics: list[str] = Field(default_factory=list, description="metric names; empty: the defaults that apply")
+    layer_samples: int = Field(8, ge=0, description="samples for the report's per-layer SQNR and histograms; 0: off")
+
+    @field_validator("metrics")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in METRICS:
+                raise ValueError(METRICS.unknown_message(name))
+        return names
+
+
+SensitivityMethod = Literal["quantize_one", "drop_one"]
+
+
+class Sensitivity(_Strict):
+    """Per-layer sensitivity ranking (qcompile.sensitivity), also run by fallback: auto."""
+
+    enabled: bool = False
+    eval_samples: int = Field(100, gt=0, description="evaluation samples each variant runs on")
+    methods: list[SensitivityMethod] = Field(default_factory=lambda: ["quantize_one", "drop_one"], min_length=1)
+
+
+class Fallback(_Strict):
+    """fallback: auto moves the most damaging layers to float until the gate passes."""
+
+    mode: Literal["off", "auto"] = "off"
+    max_layers: int = Field(10, gt=0, description="never move more layers than this")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, mode: Any) -> Any:
+        return "off" if mode is False else mode  # YAML 1.1 reads a bare `off` as false
+    eval_samples: int = Field(100, gt=0, description="evaluation samples for the sensitivity ranking")
+    # quantize_one only by default: drop-one adds as many runs again, and once one layer dominates the
+    # noise, dropping any other one barely moves the output (measured on EfficientNet-Lite0)
+    methods: list[SensitivityMethod] = Field(default_factory=lambda: ["quantize_one"], min_length=1)
+
+
 class Recipe(_Strict):
     version: Literal[1] = 1
     target: Literal["qdq", "qoperator"] = "qdq"
@@ -134,6 +202,15 @@ class Recipe(_Strict):
     calibration: Calibration = Field(default_factory=Calibration)
     preprocessing: Preprocessing | None = None
     passes: list[str | dict[str, Any]]
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    gate: list[GateCheck] = Field(default_factory=list, description="one check (a mapping) or a list of them")
+    sensitivity: Sensitivity = Field(default_factory=Sensitivity)
+    fallback: Fallback = Field(default_factory=Fallback)
+
+    @field_validator("gate", mode="before")
+    @classmethod
+    def _gate_list(cls, gate: Any) -> Any:
+        return [gate] if isinstance(gate, dict) else [] if gate is None else gate
 
     @model_validator(mode="after")
     def _calibrators_exist(self) -> "Recipe":

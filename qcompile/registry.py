@@ -1,7 +1,8 @@
-"""Registries of passes and calibrators, and plugin loading.
+"""Registries of passes, calibrators and evaluation metrics, and plugin loading.
 
 Built-ins register through the same decorators third parties use. Third-party packages add
-entries through the entry-point groups ``qcompile.passes`` / ``qcompile.calibrators`` (each entry
+entries through the entry-point groups ``qcompile.passes`` / ``qcompile.calibrators`` /
+``qcompile.metrics`` (each entry
 point names a module or a registered class), or on the command line with ``--plugin module``.
 """
 from __future__ import annotations
@@ -71,8 +72,10 @@ def _where(obj: object) -> str:
 
 PASSES: Registry = Registry("pass", "qcompile.passes")
 CALIBRATORS: Registry = Registry("calibrator", "qcompile.calibrators")
+METRICS: Registry = Registry("metric", "qcompile.metrics")
 register_pass = PASSES.register
 register_calibrator = CALIBRATORS.register
+register_metric = METRICS.register
 
 _loaded = False
 
@@ -84,8 +87,10 @@ def load_builtins_and_entry_points() -> None:
         return
     importlib.import_module("qcompile.calibrators")
     importlib.import_module("qcompile.passes")
+    importlib.import_module("qcompile.metrics")
     CALIBRATORS.load_entry_points()
     PASSES.load_entry_points()
+    METRICS.load_entry_points()
     _loaded = True
 
 
