@@ -7,7 +7,9 @@ After:   the same graph, with QuantSpecs on x, W, y and the Conv output marked f
 
 Rules come from qcompile.op_rules (one entry per op type). A node is quantized when its op has
 a rule, no override says `quantize: false` and no earlier pass set node.meta["keep_float"] (a
-reason string); a value whose meta["nonnegative"] an earlier pass set counts as non-negative; everything else stays float and is reported with
+reason string); a value whose meta["nonnegative"] an earlier pass set counts as non-negative; the output of a
+Conv/Gemm/MatMul kept float is not quantized (onnxruntime would quantize such a layer's weights
+itself if a QuantizeLinear followed it); everything else stays float and is reported with
 its reason. Activations that are provably non-negative (outputs of Relu, Clip(min >= 0),
 Sigmoid, HardSigmoid, and ops that preserve non-negativity) get unsigned codes when the recipe's
 `unsigned_when_nonnegative` is on: the symmetric grid [0, 255] with zero point 0 doubles the
@@ -52,6 +54,21 @@ def _is_float(value: Value) -> bool:
     return value.dtype in FLOAT_TYPES
 
 
+# Layers onnxruntime quantizes by itself when they sit between a DequantizeLinear and a
+# QuantizeLinear: its WeightBiasQuantization transformer turns their float weights into per-tensor
+# int8. A layer kept float must therefore not have its output quantized.
+_REQUANTIZED_BY_RUNTIME = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+def _output_of_float_layer(value: Value) -> bool:
+    """value comes from a float-kept Conv/Gemm/MatMul (directly or through a float Relu/Clip)."""
+    producer = value.producer
+    if producer is not None and producer.op_type in ("Relu", "Clip") and not producer.meta.get("quantized"):
+        source = producer.inputs[0]
+        producer = source.producer if source is not None else None
+    return producer is not None and producer.op_type in _REQUANTIZED_BY_RUNTIME and not producer.meta.get("quantized")
+
+
 @register_pass("annotate")
 class AnnotatePass(Pass):
     """Attach QuantSpecs to the inputs, weights and outputs of every quantizable node."""
@@ -84,6 +101,8 @@ class AnnotatePass(Pass):
             for index in activation_inputs(node, rule):
                 value = node.input(index)
                 if value is None or not _is_float(value) or value.meta.get("fused_into"):
+                    continue
+                if _output_of_float_layer(value):
                     continue
                 if value.quant is None:
                     value.quant = act_spec(value)
@@ -127,6 +146,8 @@ class AnnotatePass(Pass):
             return f"recipe override '{override.match}' keeps it float"
         if node.meta.get("keep_float"):  # set by an earlier pass, e.g. exclude_layers
             return str(node.meta["keep_float"])
+        if rule.fusable_activation and node.inputs[0] is not None and _output_of_float_layer(node.inputs[0]):
+            return f"activation of the float layer '{node.inputs[0].producer.name}'"
         data = [node.input(i) for i in activation_inputs(node, rule)] or [node.input(0)]
         if not any(v is not None and _is_float(v) for v in data):
             return "no floating-point data input"

@@ -179,3 +179,20 @@ def test_overrides_by_tensor_name_pick_calibrator_bits_and_signedness(tmp_path, 
     model = onnx.load(str(tmp_path / "o.onnx"))
     codes = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name.startswith("fc.weight") and t.name.endswith("_quantized"))
     assert codes.min() >= -7 and codes.max() <= 7 and max(-int(codes.min()), int(codes.max())) == 7
+
+
+def test_a_layer_kept_float_stays_float_in_onnxruntime(tmp_path, digits_model, digits_calib):
+    """onnxruntime quantizes a float Conv between DQ and Q by itself; annotate must not create that pattern."""
+    import onnxruntime as ort
+
+    recipe = write_recipe(tmp_path / "r.yaml", plain_recipe(tmp_path).read_text().replace(
+        "calibration:", "  overrides:\n    - match: '/blocks/blocks.1/expand/expand.0/Conv'\n      quantize: false\ncalibration:"))
+    out = tmp_path / "o.onnx"
+    compile_model(digits_model, recipe, out, calib=digits_calib)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    kept = [n for n in optimized.graph.node if "blocks.1/expand/" in n.name]
+    assert kept and all(not n.op_type.startswith("QLinear") for n in kept), [n.op_type for n in kept]
