@@ -7,10 +7,10 @@ reporters read this layout).
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+from .report import write_text_atomic
 
 __all__ = ["junit_xml", "write_junit"]
 
@@ -53,13 +53,4 @@ def junit_xml(report: dict) -> str:
 
 
 def write_junit(report: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(junit_xml(report))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(junit_xml(report), path)

@@ -193,7 +193,8 @@ def build_report(*, model: str, output: str, recipe: str, passes: list, notes: d
     })
 
 
-def _write_text(text: str, path: str | Path) -> None:
+def write_text_atomic(text: str, path: str | Path) -> None:
+    """Write via a temporary file beside the target and a rename: never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -207,7 +208,7 @@ def _write_text(text: str, path: str | Path) -> None:
 
 
 def write_json(report: dict, path: str | Path) -> None:
-    _write_text(json.dumps(report, indent=2) + "\n", path)
+    write_text_atomic(json.dumps(report, indent=2) + "\n", path)
 
 
 def view_path(report_path: Path, choice: str | Path | bool, suffix: str) -> Path | None:
@@ -226,12 +227,12 @@ def write_views(report: dict, report_path: str | Path, *, html: str | Path | boo
     report_path = Path(report_path)
     markdown_path = view_path(report_path, markdown, ".md")
     if markdown_path is not None:
-        _write_text(render_markdown(report), markdown_path)
+        write_text_atomic(render_markdown(report), markdown_path)
     html_path = view_path(report_path, html, ".html")
     if html_path is not None:
         from .html_report import render_html
 
-        _write_text(render_html(report), html_path)
+        write_text_atomic(render_html(report), html_path)
 
 
 # -- text views ------------------------------------------------------------------------------------
