@@ -13,7 +13,8 @@ interpreter + imports + model + calibration) is per run; each child has an addre
 The time column is the wall time of compile_model / quantize_static alone, measured in the child.
 
 qcompile: activations int8 symmetric per tensor (uint8 zero point 0 where provably non-negative,
-as recipes/int8_sym.yaml), weights int8 symmetric max, per channel and per tensor; the calibration
+as recipes/int8_sym.yaml), weights int8 symmetric max, per channel and (by default for max, entropy and
+percentile only; --per-tensor-methods all for every calibrator) per tensor; the calibration
 images are a uint8 .npy (memory-mapped by qcompile), calibration batch 1.
 onnxruntime: QDQ, per_channel, QInt8 activations (ActivationSymmetric) and weights (WeightSymmetric),
 MinMax / Entropy / Percentile with onnxruntime's default options; its data reader preprocesses one
@@ -225,8 +226,8 @@ def main() -> int:
                         help="onnxruntime calibrate methods (MinMax,Entropy,Percentile; 'none' for none)")
     parser.add_argument("--granularities", default="per_channel,per_tensor", help="qcompile weight granularities")
     parser.add_argument("--per-tensor-methods", default=",".join(PER_TENSOR_REDUCED),
-                        help="per-tensor weight rows only for these calibrators ('all': every one of --methods; "
-                             "the default keeps the grid within ~35 min on a busy 2-core machine)")
+                        help="per-tensor weight rows only for these calibrators (default max,entropy,percentile, "
+                             "to keep the run short; 'all': every one of --methods)")
     parser.add_argument("--cap-gib", type=float, default=16.0, help="address-space cap of each child (GiB)")
     parser.add_argument("--timeout", type=float, default=900.0, help="per-run timeout (s)")
     parser.add_argument("--quick", action="store_true", help="100 calibration images, per-channel weights only")
