@@ -50,11 +50,9 @@ import math
 from typing import Iterable, Iterator, Literal
 
 import numpy as np
-import onnx
-from onnx import helper
 from pydantic import BaseModel, ConfigDict
 
-from qcompile.calibration import make_calibrator, run_and_observe
+from qcompile.calibration import make_calibrator
 from qcompile.collect import group_by_budget
 from qcompile.exporter import to_proto
 from qcompile.ir import Graph, Node, Value
@@ -62,6 +60,7 @@ from qcompile.numerics import bias_qparams, fake_quantize, qparams_from_range
 from qcompile.pipeline import Pass, PassContext, PassResult, Phase
 from qcompile.qtypes import QParams
 from qcompile.registry import register_pass
+from qcompile.runtime import observe_outputs
 
 __all__ = ["CorrectBiasOptions", "CorrectBiasPass", "clipped_normal_mean"]
 logger = logging.getLogger(__name__)
@@ -181,15 +180,6 @@ class _ChannelMeans:
         return None if not self.counts[axis] else self.totals[axis] / self.counts[axis]
 
 
-def _with_outputs(model: onnx.ModelProto, values: list[Value]) -> bytes:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    existing = {o.name for o in copy.graph.output}
-    copy.graph.output.extend(helper.make_tensor_value_info(v.name, v.dtype or onnx.TensorProto.FLOAT, None)
-                             for v in values if v.name not in existing)
-    return copy.SerializeToString()
-
-
 def _tap(batches: Iterable[dict], means: dict[str, _ChannelMeans]) -> Iterator[dict]:
     """Pass the batches through, observing the graph inputs among them."""
     for feeds in batches:
@@ -216,8 +206,8 @@ def empirical_input_means(graph: Graph, wanted: dict[Value, set[int]], ctx: Pass
         if index == 0 and from_inputs:
             batches = _tap(batches, from_inputs)
         if group:
-            run_and_observe(_with_outputs(model, group), [v.name for v in group], batches,
-                            lambda name, array: means[name].observe(array))
+            observe_outputs(model, [v.name for v in group], batches, lambda name, array: means[name].observe(array),
+                            {v.name: v.dtype for v in group if v.dtype})
         else:
             for _ in batches:
                 pass

@@ -39,6 +39,7 @@ from qcompile.ir import Graph, Node, Value
 from qcompile.numerics import ort_requant_multiplier, quantize_multiplier, round_half_even
 from qcompile.pipeline import Pass, PassContext, PassResult, Phase
 from qcompile.registry import register_pass
+from qcompile.runtime import session
 
 __all__ = ["FuseRequantPass"]
 logger = logging.getLogger(__name__)
@@ -280,7 +281,6 @@ def _lower_on_codes(low: _Lowering, m: Match) -> Node | None:
 def _lookup_table(node: Node, x: QTensor, y: QTensor) -> np.ndarray:
     """y codes for all 256 x codes, computed by onnxruntime running DQ -> op -> Q itself, so the
     table equals what the QDQ form computes, bit for bit."""
-    import onnxruntime as ort
     from onnx import helper, numpy_helper
 
     in_type = x.zero_point.const.dtype
@@ -296,11 +296,7 @@ def _lookup_table(node: Node, x: QTensor, y: QTensor) -> np.ndarray:
          ((x.scale.const, "xs"), (x.zero_point.const, "xz"), (y.scale.const, "ys"), (y.zero_point.const, "yz"))]),
         opset_imports=[helper.make_opsetid("", 13 if node.op_type != "HardSwish" else 14)])
     model.ir_version = 8
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    out = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
-        None, {"c": codes})[0]
+    out = session(model, optimize=False).run(None, {"c": codes})[0]
     # Gather reads negative indices from the end: table[c mod 256] = f(c) serves int8 codes directly.
     table = np.empty(256, dtype=out.dtype)
     table[codes.astype(np.int64) % 256] = out

@@ -146,7 +146,7 @@ class InsertQDQPass(Pass):
         dq_out = graph.add_value(final_name or f"{value.name}_dequantized", dtype=onnx.TensorProto.FLOAT,
                                  shape=value.shape, exact_name=final_name is not None)
         scale, zero_point = q.inputs[1], q.inputs[2]
-        dq = graph.add_node("DequantizeLinear", [q.outputs[0], scale, zero_point], [dq_out],
+        graph.add_node("DequantizeLinear", [q.outputs[0], scale, zero_point], [dq_out],
                             name=f"{value.name}_DequantizeLinear", attributes=_axis_attr(qp), after=q)
         dq_out.meta["lowered"] = True
         value.meta["lowered"] = True

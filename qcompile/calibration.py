@@ -2,14 +2,14 @@
 
 A calibrator has two verbs (style guide R10): observe() accumulates statistics of one batch of a
 tensor, compute_range() decides the real range [lo, hi] to quantize. It knows nothing about
-models, sessions or files; the runner below feeds it.
+models, sessions or files; qcompile.collect feeds it.
 """
 from __future__ import annotations
 
 import abc
 import logging
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Iterable
+from typing import ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -76,26 +76,3 @@ def make_calibrator(spec: QuantSpec) -> Calibrator:
 
     cls = CALIBRATORS.get(spec.calibrator)
     return cls(spec, cls.Options(**spec.calibrator_options))
-
-
-def run_and_observe(model_bytes: bytes, outputs: list[str], batches: Iterable[dict],
-                    observe: Callable[[str, np.ndarray], None]) -> int:
-    """Run a float model in onnxruntime batch by batch; hand each requested tensor to observe().
-
-    Only one batch's activations are alive at a time. Returns the number of samples seen.
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # Fusions could remove the tensors we ask for; they are graph outputs, so ORT keeps them,
-    # but disabling graph optimisations keeps the statistics those of the float graph as written.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    seen = 0
-    for feeds in batches:
-        results = session.run(outputs, feeds)
-        for name, array in zip(outputs, results):
-            observe(name, array)
-        seen += len(next(iter(feeds.values())))
-    return seen

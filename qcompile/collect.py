@@ -17,15 +17,14 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterable
 
-import numpy as np
 import onnx
-from onnx import helper
 
 from .calibration import Calibrator, make_calibrator
 from .data import DataSource
 from .errors import CalibrationError
 from .ir import Value
 from .qtypes import QuantSpec
+from .runtime import observe_outputs
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[Iterable, int, str], Iterable]
@@ -52,42 +51,17 @@ def group_by_budget(values: list[Value], batch_size: int, budget_bytes: int) -> 
     return [g for g in groups if g]
 
 
-def _with_outputs(model: onnx.ModelProto, values: list[Value]) -> bytes:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    existing = {o.name for o in copy.graph.output}
-    for value in values:
-        if value.name not in existing:
-            copy.graph.output.append(helper.make_tensor_value_info(value.name, value.dtype or onnx.TensorProto.FLOAT, None))
-    return copy.SerializeToString()
-
-
-def _session(model_bytes: bytes):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # The statistics are those of the float graph as written (no fusions that could change values).
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-
-
-def observe_batches(model_bytes: bytes, calibrators: dict[str, Calibrator], batches: Iterable[dict]) -> int:
+def observe_batches(model: onnx.ModelProto, calibrators: dict[str, Calibrator], batches: Iterable[dict],
+                    types: dict[str, int] | None = None) -> int:
     """Run each batch; hand every requested tensor to its calibrator. Returns samples seen."""
-    session = _session(model_bytes)
-    names = list(calibrators)
-    seen = 0
-    for feeds in batches:
-        for name, array in zip(names, session.run(names, feeds)):
-            calibrators[name].observe(array)
-        seen += len(next(iter(feeds.values())))
-    return seen
+    return observe_outputs(model, list(calibrators), batches, lambda name, array: calibrators[name].observe(array),
+                           types)
 
 
-def _shard_worker(model_bytes: bytes, specs: dict[str, tuple[type, QuantSpec]], source: DataSource,
+def _shard_worker(model: onnx.ModelProto, types: dict[str, int], specs: dict[str, tuple[type, QuantSpec]], source: DataSource,
                   shard: int, shards: int) -> tuple[dict[str, Calibrator], int]:
     calibrators = {name: cls(spec, cls.Options(**spec.calibrator_options)) for name, (cls, spec) in specs.items()}
-    seen = observe_batches(model_bytes, calibrators, source.batches(shard, shards))
+    seen = observe_batches(model, calibrators, source.batches(shard, shards), types)
     return calibrators, seen
 
 
@@ -102,15 +76,16 @@ def collect_statistics(model: onnx.ModelProto, values: list[Value], source: Data
     dataset = source.open() if jobs == 1 else None
     for index, group in enumerate(groups):
         calibrators = {v.name: make_calibrator(v.quant) for v in group}
-        model_bytes = _with_outputs(model, group)
+        types = {v.name: v.dtype for v in group if v.dtype}
         desc = "calibrating" if len(groups) == 1 else f"calibrating group {index + 1}/{len(groups)}"
         if jobs == 1:
-            samples = observe_batches(model_bytes, calibrators, progress(source.batches(dataset=dataset), batch_count, desc))
+            samples = observe_batches(model, calibrators, progress(source.batches(dataset=dataset), batch_count, desc),
+                                      types)
         else:
             specs = {name: (type(c), c.spec) for name, c in calibrators.items()}
             context = multiprocessing.get_context("spawn")  # onnxruntime's threads do not survive fork
             with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-                futures = [pool.submit(_shard_worker, model_bytes, specs, source, shard, jobs) for shard in range(jobs)]
+                futures = [pool.submit(_shard_worker, model, types, specs, source, shard, jobs) for shard in range(jobs)]
                 samples = 0
                 for future in progress(futures, jobs, desc):
                     shard_calibrators, seen = future.result()

@@ -15,33 +15,9 @@ import onnx
 
 from .data import Dataset
 from .metrics import MetricValue, Reference, compute_metrics, cosine_similarity, sqnr_db
+from .runtime import session
 
 __all__ = ["Comparison", "SubsetDataset", "compare", "evaluate", "run_outputs", "session", "sqnr_db", "subset"]
-
-# Protobuf cannot hold more than 2 GiB: larger models go to onnxruntime through a temporary file.
-_IN_MEMORY_LIMIT = 1 << 30
-
-
-def session(model: str | onnx.ModelProto, threads: int = 0):
-    """An onnxruntime CPU session for a model file or an in-memory ModelProto."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    if isinstance(model, onnx.ModelProto):
-        if model.ByteSize() < _IN_MEMORY_LIMIT:
-            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        import tempfile
-        from pathlib import Path
-
-        with tempfile.TemporaryDirectory(prefix="qcompile-eval-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
-            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-
 
 def run_outputs(model: str | onnx.ModelProto, dataset: Dataset, batch_size: int,
                 progress=lambda it, total, desc: it, desc: str = "evaluating", threads: int = 0) -> list[np.ndarray]:

@@ -93,12 +93,10 @@ def validate_file(path: Path) -> None:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
         raise ExportError(f"the exported model fails onnx.checker: {' '.join(str(exc).split())[:400]}") from exc
-    import onnxruntime as ort
+    from .runtime import session
 
     try:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session(path)
     except Exception as exc:
         raise ExportError(f"onnxruntime refuses the exported model: {' '.join(str(exc).split())[:400]}") from exc
 

@@ -25,7 +25,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .data import Dataset
-from .evaluate import session
+from .runtime import session, with_outputs
 
 __all__ = ["layer_report"]
 
@@ -122,15 +122,6 @@ def _qdq_pairs(model: onnx.ModelProto) -> list[_Pair]:
     return pairs
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    existing = {o.name for o in copy.graph.output}
-    copy.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                             for n in names if n not in existing)
-    return copy
-
-
 def _tensor_names(model: onnx.ModelProto) -> set[str]:
     return {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
 
@@ -148,8 +139,8 @@ def layer_report(float_model: str | Path, quantized: onnx.ModelProto, data: Data
     pairs.sort(key=lambda p: order.get(p.tensor, -1))
     rows: list[dict] = []
     if pairs:
-        float_sess = session(_with_outputs(reference, [p.tensor for p in pairs]))
-        quant_sess = session(_with_outputs(quantized, [p.output for p in pairs]))
+        float_sess = session(with_outputs(reference, [p.tensor for p in pairs]))
+        quant_sess = session(with_outputs(quantized, [p.output for p in pairs]))
         float_names = [o.name for o in float_sess.get_outputs()]
         quant_names = [o.name for o in quant_sess.get_outputs()]
         for feeds in data.batches(batch_size):

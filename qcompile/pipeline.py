@@ -15,7 +15,7 @@ import enum
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol
+from typing import Any, Callable, ClassVar, Iterable, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -45,7 +45,6 @@ class PassResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-Batch = dict  # input name -> numpy array
 
 
 @dataclass

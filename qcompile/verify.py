@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .data import DataSource, batch_size_for, load_dataset, model_inputs
+from .data import batch_size_for, load_dataset, model_inputs
 from .errors import QCompileError
-from .evaluate import sqnr_db
+from .runtime import session, with_outputs
 
 # Where an integer op keeps its output scale and zero point (input indices).
 OUTPUT_PARAMS = {"QuantizeLinear": (1, 2), "QLinearConv": (6, 7), "QLinearMatMul": (6, 7), "QGemm": (7, 8),
@@ -109,20 +109,8 @@ def _code_tensors(model: onnx.ModelProto) -> list[tuple[str, str, np.ndarray | N
     return found
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str], types: dict[str, int],
-                  default: int = onnx.TensorProto.UINT8) -> onnx.ModelProto:
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in existing:
-            probe.graph.output.append(helper.make_tensor_value_info(name, types.get(name, default), None))
-    return probe
-
-
 def verify(model_path: str | Path, data: str | Path, *, float_model: str | Path | None = None, mode: str = "onnx",
            samples: int = 50, preprocessing=None) -> Verification:
-    from .evaluate import session
     from .executor import IntegerExecutor
     from .importer import load_model_proto
 
@@ -140,8 +128,8 @@ def verify(model_path: str | Path, data: str | Path, *, float_model: str | Path 
         if zp is not None:
             types[name] = helper.np_dtype_to_tensor_dtype(zp.dtype)
     names = [name for name, *_ in codes]
-    probe = _with_outputs(model, names, types)
-    ort_session = session_from_proto(probe)
+    probe = with_outputs(model, names, types, default=onnx.TensorProto.UINT8)
+    ort_session = session(probe)
     executor = IntegerExecutor(probe, mode=mode)
 
     from .importer import graph_from_proto
@@ -159,8 +147,7 @@ def verify(model_path: str | Path, data: str | Path, *, float_model: str | Path 
                 base = base.removesuffix(suffix)
             if base in float_values:
                 float_names[name] = base
-        float_session = session_from_proto(_with_outputs(float_proto, sorted(set(float_names.values())), {},
-                                                         default=onnx.TensorProto.FLOAT))
+        float_session = session(with_outputs(float_proto, sorted(set(float_names.values()))))
 
     output_names = [o.name for o in model.graph.output]
     out_scales = _output_scales(model)
@@ -190,14 +177,6 @@ def verify(model_path: str | Path, data: str | Path, *, float_model: str | Path 
         if check._signal or check._noise:
             check.sqnr_db = float("inf") if check._noise == 0 else float(10 * np.log10(check._signal / check._noise))
     return Verification(str(model_path), mode, seen, lowered, list(out_checks.values()), list(checks.values()))
-
-
-def session_from_proto(model: onnx.ModelProto):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def _output_scales(model: onnx.ModelProto) -> dict[str, float]:
