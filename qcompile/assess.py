@@ -154,7 +154,7 @@ class Quality:
         start = time.perf_counter()
         first = outcome.verdict
         report = {"mode": "auto", "needed": not first.passed, "passed": first.passed, "replaced": False,
-                  "layers": [], "nodes": [], "unquantized_tensors": [], "attempts": [],
+                  "layers": [], "nodes": [], "attempts": [],
                   "first": self._first_metrics, "first_margin": _margin(first),
                   "evaluations": {"full": 1, "subset": ranking.evaluations if ranking else 0},
                   "calibration_cache": len(self.builder.cache), "seconds": 0.0}
@@ -180,7 +180,6 @@ class Quality:
             outcome.notes = chosen.build.notes
             self._final_weights = chosen.build.weights
             report.update(replaced=True, passed=chosen.passed, layers=[layer.name for layer in result.layers],
-                          nodes=[n for layer in result.layers for n in layer.nodes],
-                          unquantized_tensors=chosen.build.unquantized)
+                          nodes=[n for layer in result.layers for n in layer.nodes])
         report["seconds"] = round(time.perf_counter() - start + (ranking.seconds if ranking else 0.0), 3)
         return report

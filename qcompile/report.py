@@ -87,7 +87,7 @@ REPORT_SCHEMA: dict = {
         }, nullable=True),
         "fallback": _object({
             "mode": _STR, "needed": _BOOL, "passed": _BOOL, "replaced": _BOOL, "layers": _array(_STR),
-            "nodes": _array(_STR), "unquantized_tensors": _array(_STR),
+            "nodes": _array(_STR),
             "first": {"type": "object", "description": "the first (fully quantized) model's metrics"},
             "first_margin": _NUM,
             "attempts": _array(_object({"layers": _INT, "passed": _BOOL, "margin": _NUM,

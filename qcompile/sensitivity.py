@@ -42,7 +42,7 @@ import onnx
 
 from .data import Dataset
 from .exporter import to_proto
-from .ir import Graph, Value
+from .ir import Graph
 from .metrics import Reference, metric, sqnr_db
 from .numerics import fake_quantize
 from .op_rules import rule_for
@@ -139,41 +139,6 @@ def _weight_sqnr(graph: Graph) -> list[dict]:
     return rows
 
 
-def _unquantize_chain(value: Value, removed: list[str]) -> None:
-    """Drop the quantizer of `value` and of the outputs of quantized ops that share its scale."""
-    if value.quant is None:
-        return
-    value.quant = None
-    value.meta.pop("shares_scale_with", None)
-    removed.append(value.name)
-    for consumer in value.consumers():
-        rule = rule_for(consumer)
-        if consumer.meta.get("quantized") and rule is not None and rule.share_input_scale:
-            for out in consumer.outputs:
-                if out.meta.get("shares_scale_with") == value.name:
-                    _unquantize_chain(out, removed)
-
-
-def keep_float_outputs(graph: Graph, layers: Sequence[Layer]) -> list[str]:
-    """Leave the outputs of float layers unquantized (returns the tensor names).
-
-    onnxruntime's WeightBiasQuantization quantizes the float weights of a Conv/Gemm whose input is a
-    DequantizeLinear output and whose output (through Relu/Clip) goes to a QuantizeLinear, per
-    tensor: a float layer between quantized neighbours would not be float. Without a quantizer on
-    its output (the next layer then reads the float tensor, and runs its int8 weights in float), the
-    layer stays float."""
-    by_name = {node.name: node for node in graph.nodes}
-    removed: list[str] = []
-    for layer in layers:
-        last = by_name.get(layer.nodes[-1])
-        if last is None:
-            continue
-        for out in last.outputs:
-            if out not in graph.outputs:
-                _unquantize_chain(out, removed)
-    return removed
-
-
 class _ProbeDone(Exception):
     """Raised by a probing Recorder once calibration is cached: the rest of that run is not needed."""
 
@@ -187,7 +152,7 @@ class Recorder:
     op but not the layer before it needs that tensor's own range; one probe run gets all of them."""
 
     def __init__(self, passes: Sequence[Pass], ctx: PassContext, cache: CalibrationCache | None,
-                 probe: bool = False, float_layers: Sequence[Layer] = ()):
+                 probe: bool = False):
         phases = [p.phase for p in passes]
         self._annotated = max((i for i, ph in enumerate(phases) if ph <= Phase.ANNOTATE), default=None)
         self._calibrated = max((i for i, ph in enumerate(phases) if ph == Phase.CALIBRATE), default=None)
@@ -199,13 +164,10 @@ class Recorder:
         self.reused: list[str] = []
         self.shared: list[str] = []  # tensors that take their input's scale
         self.probe = probe
-        self.float_layers = list(float_layers)
-        self.unquantized: list[str] = []  # float layers' outputs left without a quantizer
 
     def after_pass(self, index: int, pass_: Pass, graph: Graph, result: PassResult) -> None:
         if index == self._annotated:
             self.layers = find_layers(graph)
-            self.unquantized = keep_float_outputs(graph, self.float_layers)
             self.shared = [v.name for v in graph.values.values() if v.quant is not None
                            and v.meta.get("shares_scale_with")]
             if self.cache is not None:
@@ -235,7 +197,6 @@ class Build:
     layers: list[Layer]
     weights: list[dict]
     seconds: float
-    unquantized: list[str] = field(default_factory=list)
 
 
 class VariantBuilder:
@@ -264,15 +225,14 @@ class VariantBuilder:
         except _ProbeDone:
             pass
 
-    def build(self, overrides: Sequence[Override] = (), reasons: dict[str, str] | None = None,
-              float_layers: Sequence[Layer] = ()) -> Build:
-        """The model with `overrides` appended to the recipe's; float_layers: layers those overrides
-        float, whose outputs are then left unquantized (keep_float_outputs); `reasons` replaces the
-        float_nodes reason of nodes in the notes (e.g. 'fallback: auto ...')."""
+    def build(self, overrides: Sequence[Override] = (), reasons: dict[str, str] | None = None) -> Build:
+        """The model with `overrides` appended to the recipe's (a layer they float also loses its output
+        quantizer, in annotate); `reasons` replaces the float_nodes reason of nodes in the notes
+        (e.g. 'fallback: auto ...')."""
         start = time.perf_counter()
         scheme = self.scheme.model_copy(update={"overrides": [*self.scheme.overrides, *overrides]})
         ctx = self.make_context(scheme)
-        recorder = Recorder(self.passes, ctx, self.cache, float_layers=float_layers)
+        recorder = Recorder(self.passes, ctx, self.cache)
         manager = PassManager(self.passes, [recorder])
         graph = manager.run(self.load_graph(), ctx)
         self.builds += 1
@@ -280,7 +240,7 @@ class VariantBuilder:
             if reasons and item["node"] in reasons:
                 item["reason"] = reasons[item["node"]]
         return Build(to_proto(graph), manager.records, ctx.notes, recorder.layers, recorder.weights,
-                     time.perf_counter() - start, recorder.unquantized)
+                     time.perf_counter() - start)
 
 
 # -- ranking -----------------------------------------------------------------------------------
@@ -355,7 +315,7 @@ def rank_layers(builder: VariantBuilder, layers: Sequence[Layer], data: Dataset,
             overrides = everything_float + [Override(match=re.escape(n), quantize=True) for n in score.layer.nodes]
             build = builder.build(overrides)
         else:
-            build = builder.build(score.layer.float_overrides(), float_layers=[score.layer])
+            build = builder.build(score.layer.float_overrides())
         result = _score(run_outputs(build.proto, data, batch_size), ref, metric_name)
         setattr(score, method, result)
     total = _noise(baseline.sqnr_db)
@@ -419,8 +379,7 @@ def search_fallback(builder: VariantBuilder, ranked: Sequence[Layer], evaluate: 
     def attempt(k: int) -> Attempt:
         if k not in tried:
             layers = list(ranked[:k])
-            build = builder.build([o for layer in layers for o in layer.float_overrides()], fallback_reasons(layers),
-                                  float_layers=layers)
+            build = builder.build([o for layer in layers for o in layer.float_overrides()], fallback_reasons(layers))
             result = evaluate(build)
             result.count, result.build = k, build
             tried[k] = result
