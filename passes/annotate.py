@@ -146,8 +146,12 @@ class AnnotatePass(Pass):
             return f"recipe override '{override.match}' keeps it float"
         if node.meta.get("keep_float"):  # set by an earlier pass, e.g. exclude_layers
             return str(node.meta["keep_float"])
-        if rule.fusable_activation and node.inputs[0] is not None and _output_of_float_layer(node.inputs[0]):
-            return f"activation of the float layer '{node.inputs[0].producer.name}'"
+        first = node.inputs[0]
+        if rule.fusable_activation and first is not None and _output_of_float_layer(first):
+            return f"activation of the float layer '{first.producer.name}'"
+        if rule.share_input_scale and first is not None and first.producer is not None \
+                and (not first.producer.meta.get("quantized") or _output_of_float_layer(first)):
+            return f"shares the scale of '{first.name}', which stays float"
         data = [node.input(i) for i in activation_inputs(node, rule)] or [node.input(0)]
         if not any(v is not None and _is_float(v) for v in data):
             return "no floating-point data input"

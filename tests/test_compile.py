@@ -196,3 +196,15 @@ def test_a_layer_kept_float_stays_float_in_onnxruntime(tmp_path, digits_model, d
     optimized = onnx.load(str(tmp_path / "optimized.onnx"))
     kept = [n for n in optimized.graph.node if "blocks.1/expand/" in n.name]
     assert kept and all(not n.op_type.startswith("QLinear") for n in kept), [n.op_type for n in kept]
+
+
+def test_float_layer_followed_by_equalized_relu6_clamp(tmp_path, digits_calib):
+    """After equalization a ReLU6 is Clip + per-channel Min; when the layer before is kept float, the
+    Clip and the Min (which would share the Clip's scale) stay float too instead of failing."""
+    recipe = write_recipe(tmp_path / "r.yaml", plain_recipe(tmp_path).read_text().replace(
+        "  - annotate\n", "  - equalize_cross_layer\n  - {exclude_layers: {names: ['/blocks/blocks.0/expand/expand.0/Conv']}}\n"
+                          "  - annotate\n"))
+    report = compile_model(EXAMPLE / "digits_mobilenet_bn.onnx", recipe, tmp_path / "o.onnx", calib=digits_calib)
+    floats = {f["node"]: f["reason"] for f in report["float_nodes"]}
+    assert "/blocks/blocks.0/expand/expand.0/Conv" in floats
+    assert any(op["op"] == "Min" and "stays float" in op["reason"] for op in report["float_nodes"])
