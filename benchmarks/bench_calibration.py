@@ -37,10 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-MODEL = SHARED / "models" / "efficientnet_lite0_fused.onnx"
-DATA = SHARED / "data" / "imagenet_sample_dev.npz"
+from common import DEV_DATA, ROOT, image_reader, model, top1
+
+MODEL = model("efficientnet_lite0_fused.onnx")
+DATA = DEV_DATA
 EVAL_START, EVAL_STOP = 100, 500
 HELD_OUT_START = 400            # images[400:500]: outside every calibration set up to 400 images
 
@@ -72,10 +72,6 @@ OOM_MARKERS = ("MemoryError", "bad_alloc", "Failed to allocate", "Unable to allo
                "out of memory")
 
 
-def preprocess(u8: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(((u8.astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2))
-
-
 # ----------------------------------------------------------------------------------------------- child
 
 def child(spec: dict) -> int:
@@ -87,25 +83,11 @@ def child(spec: dict) -> int:
         compile_model(MODEL, spec["recipe"], spec["out"], calib=spec["calib"])
         seconds = time.perf_counter() - start
     else:
-        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                              quantize_static)
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         images = np.load(spec["calib"], mmap_mode="r")
-
-        class Reader(CalibrationDataReader):
-            """One preprocessed image at a time, read from the memory-mapped uint8 array."""
-
-            def __init__(self):
-                self.index = 0
-
-            def get_next(self):
-                if self.index >= len(images):
-                    return None
-                self.index += 1
-                return {"input": preprocess(np.asarray(images[self.index - 1:self.index]))}
-
         start = time.perf_counter()
-        quantize_static(MODEL, spec["out"], Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(MODEL, spec["out"], image_reader(images), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=getattr(CalibrationMethod, spec["method"]),
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
@@ -163,16 +145,6 @@ def run_child(spec: dict, work: Path, cap_bytes: int, timeout: float) -> dict:
     row["seconds"] = reported["seconds"]
     row["self_rss_bytes"] = reported["self_rss_bytes"]
     return row
-
-
-def predict(model_path: Path, images: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    sess = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return np.array([sess.run(None, {name: preprocess(images[i:i + 1])})[0][0].argmax() for i in range(len(images))])
 
 
 def fingerprint(model_path: Path) -> str:
@@ -270,7 +242,7 @@ def main() -> int:
         for size in args.sizes:
             calib_files[size] = work / f"calib_{size}.npy"
             np.save(calib_files[size], np.ascontiguousarray(images[:size]))
-        float_pred = predict(MODEL, eval_images)
+        float_pred = top1(MODEL, eval_images)
         float_row = {"tool": "float", "method": "fp32", "granularity": "", "size": 0, "status": "ok",
                      "top1": float(np.mean(float_pred == eval_labels)),
                      "top1_heldout": float(np.mean(float_pred[held] == eval_labels[held])), "agreement": 1.0}
@@ -289,7 +261,7 @@ def main() -> int:
             result = run_child(spec, work, cap_bytes, args.timeout)
             row = {**run, **result}
             if result["status"] == "ok":
-                pred = predict(Path(spec["out"]), eval_images)
+                pred = top1(Path(spec["out"]), eval_images)
                 row["top1"] = float(np.mean(pred == eval_labels))
                 row["top1_heldout"] = float(np.mean(pred[held] == eval_labels[held]))
                 row["agreement"] = float(np.mean(pred == float_pred))

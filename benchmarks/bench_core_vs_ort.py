@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-MODEL = SHARED / "models" / "efficientnet_lite0_fused.onnx"
+from common import DEV_DATA, image_reader, model, top1
+
+MODEL = model("efficientnet_lite0_fused.onnx")
 
 RECIPE = """
 version: 1
@@ -33,20 +33,6 @@ calibration: {{batch_size: 1}}
 preprocessing: {{mean: [127.0], std: [128.0], layout: NCHW}}
 passes: [annotate, calibrate, insert_qdq]
 """
-
-
-def preprocess(u8: np.ndarray) -> np.ndarray:
-    return ((u8.astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2).copy()
-
-
-def predict(model_path: Path, images: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    sess = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return np.array([sess.run(None, {name: preprocess(images[i:i + 1])})[0][0].argmax() for i in range(len(images))])
 
 
 def qcompile_model(work: Path, calib_npz: Path, granularity: str, symmetric: bool) -> tuple[Path, float]:
@@ -62,18 +48,11 @@ def qcompile_model(work: Path, calib_npz: Path, granularity: str, symmetric: boo
 
 
 def ort_model(work: Path, calib_images: np.ndarray, per_channel: bool, symmetric: bool) -> tuple[Path, float]:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter([{"input": preprocess(calib_images[i:i + 1])} for i in range(len(calib_images))])
-
-        def get_next(self):
-            return next(self.items, None)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     out = work / f"ort_{'pc' if per_channel else 'pt'}_{'sym' if symmetric else 'asym'}.onnx"
     start = time.perf_counter()
-    quantize_static(str(MODEL), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+    quantize_static(str(MODEL), str(out), image_reader(calib_images), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                     activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax,
                     extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
@@ -87,7 +66,7 @@ def main() -> int:
     parser.add_argument("--json", help="also write the rows as JSON here")
     args = parser.parse_args()
 
-    data = np.load(SHARED / "data" / "imagenet_sample_dev.npz")
+    data = np.load(DEV_DATA)
     images, labels = data["images"], data["labels"]
     calib = images[:args.calib]
     eval_images = images[args.calib:args.calib + args.eval]
@@ -98,7 +77,7 @@ def main() -> int:
         work = Path(tmp)
         calib_npz = work / "calib.npz"
         np.savez(calib_npz, images=calib)
-        float_pred = predict(MODEL, eval_images)
+        float_pred = top1(MODEL, eval_images)
         rows.append({"tool": "float", "setting": "fp32", "top1": float(np.mean(float_pred == eval_labels)),
                      "agreement": 1.0, "seconds": 0.0})
         for granularity, per_channel in (("per_channel", True), ("per_tensor", False)):
@@ -107,7 +86,7 @@ def main() -> int:
                 for tool, build in (("qcompile", lambda: qcompile_model(work, calib_npz, granularity, symmetric)),
                                     ("onnxruntime", lambda: ort_model(work, calib, per_channel, symmetric))):
                     path, seconds = build()
-                    pred = predict(path, eval_images)
+                    pred = top1(path, eval_images)
                     rows.append({"tool": tool, "setting": setting, "top1": float(np.mean(pred == eval_labels)),
                                  "agreement": float(np.mean(pred == float_pred)), "seconds": seconds})
                     print(f"  done: {tool} {setting}", file=sys.stderr)

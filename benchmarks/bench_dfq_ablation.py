@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-MODEL = SHARED / "models" / "efficientnet_lite0_bn.onnx"
+from common import DEV_DATA, logits, model
+
+MODEL = model("efficientnet_lite0_bn.onnx")
 
 RECIPE = """
 version: 1
@@ -42,20 +42,6 @@ preprocessing: {{mean: [127.0], std: [128.0], layout: NCHW}}
 passes: {passes}
 """
 QUANTIZE = ["annotate", "calibrate", "insert_qdq"]
-
-
-def preprocess(u8: np.ndarray) -> np.ndarray:
-    return ((u8.astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2).copy()
-
-
-def logits(model_path: Path, images: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    sess = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: preprocess(images[i:i + 1])})[0] for i in range(len(images))])
 
 
 def mean_kl(reference: np.ndarray, other: np.ndarray) -> float:
@@ -144,7 +130,7 @@ def main() -> int:
     load_builtins_and_entry_points()
     registered = set(PASSES.names())
 
-    data = np.load(SHARED / "data" / "imagenet_sample_dev.npz")
+    data = np.load(DEV_DATA)
     images, labels = data["images"], data["labels"]
     eval_images = images[args.calib:args.calib + args.eval]
     eval_labels = labels[args.calib:args.calib + args.eval]

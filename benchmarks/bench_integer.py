@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-MODEL = SHARED / "models" / "efficientnet_lite0_fused.onnx"
+from common import DEV_DATA, image_reader, model, preprocess, top1
+
+from qcompile.runtime import session
+
+MODEL = model("efficientnet_lite0_fused.onnx")
 
 RECIPE = """
 version: 1
@@ -37,26 +39,6 @@ calibration: {{batch_size: 1}}
 preprocessing: {{mean: [127.0], std: [128.0], layout: NCHW}}
 passes: [annotate, calibrate, insert_qdq{lower}]
 """
-
-
-def preprocess(u8):
-    return ((u8.astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2).copy()
-
-
-def session(path, threads=0):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def top1(path, images):
-    sess = session(path)
-    return np.array([sess.run(None, {"input": preprocess(images[i:i + 1])})[0][0].argmax() for i in range(len(images))])
 
 
 def latency_ms(path, image, runs):
@@ -73,17 +55,10 @@ def latency_ms(path, image, runs):
 
 
 def ort_quantize(work, calib, fmt):
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter([{"input": preprocess(calib[i:i + 1])} for i in range(len(calib))])
-
-        def get_next(self):
-            return next(self.items, None)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     out = work / f"ort_{fmt}.onnx"
-    quantize_static(str(MODEL), str(out), Reader(),
+    quantize_static(str(MODEL), str(out), image_reader(calib),
                     quant_format=QuantFormat.QOperator if fmt == "qoperator" else QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax)
@@ -103,7 +78,7 @@ def main() -> int:
     from qcompile.recipe import Preprocessing
     from qcompile.verify import verify
 
-    data = np.load(SHARED / "data" / "imagenet_sample_dev.npz")
+    data = np.load(DEV_DATA)
     images, labels = data["images"], data["labels"]
     calib, eval_images, eval_labels = images[:100], images[100:100 + args.eval], labels[100:100 + args.eval]
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,7 +128,7 @@ def main() -> int:
             executor = IntegerExecutor(model, mode=mode)
             executor.run({"input": preprocess(eval_images[:1])})  # warm the weight caches
             start = time.perf_counter()
-            n = 10
+            n = min(10, len(eval_images))
             for i in range(n):
                 executor.run({"input": preprocess(eval_images[i:i + 1])})
             print(f"  {mode:<12} {(time.perf_counter() - start) / n:.3f} s/image", flush=True)

@@ -1,0 +1,52 @@
+"""What the benchmarks share: paths into ../shared, EfficientNet-Lite0 preprocessing, batch-1
+inference and an onnxruntime calibration reader. Not part of the qcompile package."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from qcompile.runtime import session
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+DEV_DATA = SHARED / "data" / "imagenet_sample_dev.npz"
+RECIPE_PREPROCESSING = "preprocessing: {mean: [127.0], std: [128.0], layout: NCHW}"  # the same, for recipes
+
+
+def model(name: str) -> Path:
+    return SHARED / "models" / name
+
+
+def preprocess(u8: np.ndarray) -> np.ndarray:
+    """EfficientNet-Lite0 input: x = (u8 - 127) / 128, NHWC uint8 -> NCHW float32."""
+    return np.ascontiguousarray(((np.asarray(u8).astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2))
+
+
+def logits(model_path: Path, images: np.ndarray) -> np.ndarray:
+    """The model's first output for each image, one image per run (the model's batch is fixed at 1)."""
+    sess = session(model_path)
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: preprocess(images[i:i + 1])})[0] for i in range(len(images))])
+
+
+def top1(model_path: Path, images: np.ndarray) -> np.ndarray:
+    return logits(model_path, images).argmax(axis=1)
+
+
+def image_reader(images: np.ndarray):
+    """An onnxruntime CalibrationDataReader yielding one preprocessed image at a time (lazily, so a
+    memory-mapped array is never materialised)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.index = 0
+
+        def get_next(self):
+            if self.index >= len(images):
+                return None
+            self.index += 1
+            return {"input": preprocess(images[self.index - 1:self.index])}
+
+    return Reader()
