@@ -47,20 +47,18 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Iterable, Iterator, Literal
+from typing import Iterable, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from qcompile.calibration import make_calibrator
-from qcompile.collect import group_by_budget
-from qcompile.exporter import to_proto
+from qcompile.collect import observe_float_values
 from qcompile.ir import Graph, Node, Value
 from qcompile.numerics import bias_qparams, fake_quantize, qparams_from_range
 from qcompile.pipeline import Pass, PassContext, PassResult, Phase
 from qcompile.qtypes import QParams
 from qcompile.registry import register_pass
-from qcompile.runtime import observe_outputs
 
 __all__ = ["CorrectBiasOptions", "CorrectBiasPass", "clipped_normal_mean"]
 logger = logging.getLogger(__name__)
@@ -180,37 +178,12 @@ class _ChannelMeans:
         return None if not self.counts[axis] else self.totals[axis] / self.counts[axis]
 
 
-def _tap(batches: Iterable[dict], means: dict[str, _ChannelMeans]) -> Iterator[dict]:
-    """Pass the batches through, observing the graph inputs among them."""
-    for feeds in batches:
-        for name, accumulator in means.items():
-            accumulator.observe(feeds[name])
-        yield feeds
-
-
 def empirical_input_means(graph: Graph, wanted: dict[Value, set[int]], ctx: PassContext,
                           pass_name: str) -> dict[str, _ChannelMeans]:
     """Per-channel means of the float values `wanted` (value -> channel axes) over ctx.calibration."""
-    source = ctx.require_calibration(pass_name)
     means = {value.name: _ChannelMeans(axes) for value, axes in wanted.items()}
-    from_inputs = {v.name: means[v.name] for v in wanted if v in graph.inputs}
-    exposed = [v for v in wanted if v not in graph.inputs]
-    order = {id(n): i for i, n in enumerate(graph.nodes)}
-    exposed.sort(key=lambda v: order.get(id(v.producer), -1))
-    groups = group_by_budget(exposed, source.batch_size, ctx.memory_budget_mb << 20) or [[]]
-    model = to_proto(graph)
-    dataset = source.open()
-    for index, group in enumerate(groups):
-        desc = "bias correction" if len(groups) == 1 else f"bias correction group {index + 1}/{len(groups)}"
-        batches = ctx.progress(source.batches(dataset=dataset), ctx.calibration_batches, desc)
-        if index == 0 and from_inputs:
-            batches = _tap(batches, from_inputs)
-        if group:
-            observe_outputs(model, [v.name for v in group], batches, lambda name, array: means[name].observe(array),
-                            {v.name: v.dtype for v in group if v.dtype})
-        else:
-            for _ in batches:
-                pass
+    observe_float_values(graph, list(wanted), lambda name, array: means[name].observe(array), ctx, pass_name,
+                         "bias correction")
     return means
 
 
@@ -336,7 +309,8 @@ def _correct(graph: Graph, node: Node, mean: np.ndarray) -> tuple[float, bool]:
     out_channels = _out_channels(node)
     old_bias = old.const.astype(np.float64) if old is not None else np.zeros(out_channels)
     divisor = node.attr("beta", 1.0) if node.op_type == "Gemm" else 1.0
-    w = weight.const.astype(np.float64)
+    # the float weight the error is measured against (gptq keeps it when it moves weights onto the grid)
+    w = weight.meta.get("float_weight", weight.const).astype(np.float64)
 
     def corrected_with(qp: QParams) -> tuple[np.ndarray, np.ndarray]:
         shift = output_shift(node, fake_quantize(weight.const, qp).astype(np.float64) - w, mean)

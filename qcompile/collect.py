@@ -15,16 +15,21 @@ import logging
 import math
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
+import numpy as np
 import onnx
 
 from .calibration import Calibrator, make_calibrator
 from .data import DataSource
 from .errors import CalibrationError
-from .ir import Value
+from .exporter import to_proto
+from .ir import Graph, Value
 from .qtypes import QuantSpec
 from .runtime import observe_outputs
+
+if TYPE_CHECKING:
+    from .pipeline import PassContext
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[Iterable, int, str], Iterable]
@@ -97,3 +102,39 @@ def collect_statistics(model: onnx.ModelProto, values: list[Value], source: Data
             raise CalibrationError(f"the calibration data '{source.path}' yielded no samples")
         result.update(calibrators)
     return result, {"samples": samples, "groups": len(groups), "jobs": jobs}
+
+
+def _tap(batches: Iterable[dict], names: list[str], observe: Callable[[str, np.ndarray], None]) -> Iterator[dict]:
+    """Pass the batches through, observing the graph inputs among them."""
+    for feeds in batches:
+        for name in names:
+            observe(name, feeds[name])
+        yield feeds
+
+
+def observe_float_values(graph: Graph, values: list[Value], observe: Callable[[str, np.ndarray], None],
+                         ctx: PassContext, pass_name: str, label: str) -> None:
+    """Hand every batch of each float value in `values` to observe(name, array), over ctx.calibration.
+
+    For passes that need statistics of the float model other than calibrators' (bias correction's
+    means, GPTQ's second moments): the graph runs in onnxruntime as written, the values exposed in
+    groups under ctx.memory_budget_mb, so only one batch of one group is alive at a time.
+    Graph inputs among the values are observed from the feeds.
+    """
+    source = ctx.require_calibration(pass_name)
+    from_inputs = [v.name for v in values if v in graph.inputs]
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    exposed = sorted((v for v in values if v not in graph.inputs), key=lambda v: order.get(id(v.producer), -1))
+    groups = group_by_budget(exposed, source.batch_size, ctx.memory_budget_mb << 20) or [[]]
+    model = to_proto(graph)
+    dataset = source.open()
+    for index, group in enumerate(groups):
+        desc = label if len(groups) == 1 else f"{label} group {index + 1}/{len(groups)}"
+        batches = ctx.progress(source.batches(dataset=dataset), ctx.calibration_batches, desc)
+        if index == 0 and from_inputs:
+            batches = _tap(batches, from_inputs, observe)
+        if group:
+            observe_outputs(model, [v.name for v in group], batches, observe, {v.name: v.dtype for v in group if v.dtype})
+        else:
+            for _ in batches:
+                pass
