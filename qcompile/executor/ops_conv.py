@@ -107,7 +107,7 @@ def tap_slices(x_padded: np.ndarray, g: Geometry):
         yield x_padded[tuple(index)]
 
 
-def _im2col(x_padded: np.ndarray, g: Geometry, groups: int) -> np.ndarray:
+def im2col(x_padded: np.ndarray, g: Geometry, groups: int) -> np.ndarray:
     """(N, C, *padded) -> (N, G, Cg * prod(kernel), P) columns, one copy."""
     n, c = x_padded.shape[:2]
     rank = len(g.kernel)
@@ -193,7 +193,7 @@ def integer_conv(ctx: NodeContext, x: np.ndarray, x_zero_point, w: np.ndarray, w
         if pointwise:
             columns = centred.reshape(n, groups, cg, -1)
         else:
-            columns = _im2col(pad_spatial(centred, g, 0), g, groups)
+            columns = im2col(pad_spatial(centred, g, 0), g, groups)
         acc = np.matmul(weights.reshape(groups, m // groups, taps), columns)  # (N, G, Mg, P), exact
         acc = acc.reshape((n, m) + g.out_shape)
     if bias_column is not None:

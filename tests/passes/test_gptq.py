@@ -1,0 +1,166 @@
+"""gptq: codes chosen against the layer's output error.
+
+Independent checks: a two-column case worked by hand from the Optimal Brain Surgeon update, the
+output error measured directly on the data (not through the pass's H), the input second moments
+against onnxruntime's own Conv, and whole models through onnxruntime against the float model.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import EXAMPLE
+from qcompile.data import DataSource, model_inputs
+from qcompile.exporter import to_proto
+from qcompile.importer import graph_from_proto, import_model
+from qcompile.numerics import fake_quantize, quantize
+from qcompile.passes.gptq import SecondMoment, gptq_codes
+from qcompile.pipeline import PassContext, PassManager
+from qcompile.recipe import ActivationQuant, Quantization, WeightQuant
+from qcompile.registry import PASSES, load_builtins_and_entry_points
+from qcompile.runtime import session
+
+load_builtins_and_entry_points()
+
+
+def _nearest(w, scale):
+    return np.clip(np.round(w / scale[..., None]), -7, 7)
+
+
+def test_uncorrelated_inputs_give_round_to_nearest():
+    """With a diagonal H no column's error can be offset by another: GPTQ is rounding to nearest."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 5, 8))
+    h = np.stack([np.diag(rng.uniform(0.5, 2.0, 8)) for _ in range(3)])
+    scale = np.abs(w).max(axis=2) / 7
+    codes = gptq_codes(w, h, scale, np.zeros_like(scale), -7, 7)
+    np.testing.assert_array_equal(codes, _nearest(w, scale))
+
+
+def test_two_columns_follow_the_obs_update():
+    """Hand-worked: H = [[1, ρ], [ρ, 1]], w = (0.4, 0.3), scale 1. Column 1 rounds to 0 (error
+    e1 = 0.4); the error-minimising second weight given e1 is w2 + ρ·e1 = 0.66, which rounds to 1,
+    where rounding to nearest gives 0."""
+    rho = 0.9
+    h = np.array([[[1.0, rho], [rho, 1.0]]])
+    w = np.array([[[0.4, 0.3]]])
+    codes = gptq_codes(w, h, np.ones((1, 1)), np.zeros((1, 1)), -7, 7, damping=1e-9, act_order=False)
+    np.testing.assert_array_equal(codes, [[[0, 1]]])
+    error = lambda c: (w - c) @ h[0] @ (w - c).transpose(0, 2, 1)  # noqa: E731
+    assert error(codes).item() < error(np.zeros_like(w)).item()
+
+
+def test_output_error_is_far_below_round_to_nearest_on_correlated_inputs():
+    rng = np.random.default_rng(1)
+    mix = rng.standard_normal((64, 64)) / 8
+    x = mix @ rng.standard_normal((64, 4000)) + 0.3  # correlated, non-centred inputs
+    w = rng.standard_normal((1, 32, 64))
+    scale = np.abs(w).max(axis=2) / 7
+    h = (x @ x.T / x.shape[1])[None]
+    codes = gptq_codes(w, h, scale, np.zeros_like(scale), -7, 7)
+    assert codes.min() >= -7 and codes.max() <= 7
+    loss = lambda c: np.sum(((w[0] - c[0] * scale[0][:, None]) @ x) ** 2)  # noqa: E731
+    assert loss(codes) < 0.5 * loss(_nearest(w, scale))
+
+
+def _conv_model(weight, **attrs):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 9, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", **attrs)
+    model = helper.make_model(helper.make_graph([node], "g", [x], [y], [numpy_helper.from_array(weight, "w")]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("attrs", [
+    {"group": 1, "pads": [1, 1, 1, 1]},
+    {"group": 2, "strides": [2, 2], "pads": [0, 1, 2, 1], "dilations": [1, 2]},
+    {"group": 4, "strides": [2, 1], "auto_pad": "SAME_UPPER"},
+])
+def test_conv_input_moments_match_onnxruntime(attrs):
+    """For any weight V of the layer's shape, mean(y²) of Conv(x, V) per output channel equals
+    v_oᵀ H_g v_o: checks the patches (pads, strides, dilations, groups) against onnxruntime."""
+    rng = np.random.default_rng(2)
+    groups = attrs["group"]
+    v = rng.standard_normal((8, 4 // groups, 3, 3)).astype(np.float32)
+    model = _conv_model(v, **attrs)
+    x = rng.standard_normal((2, 4, 9, 8)).astype(np.float32) + 0.5
+    (y,) = session(model).run(None, {"x": x})
+    node = graph_from_proto(model).nodes[0]
+    moments = SecondMoment(node)
+    moments.observe(x)
+    h = moments.value()
+    rows = v.reshape(groups, 8 // groups, -1).astype(np.float64)
+    expected = np.einsum("grk,gkl,grl->gr", rows, h, rows).reshape(-1)
+    np.testing.assert_allclose(expected, np.mean(y.astype(np.float64) ** 2, axis=(0, 2, 3)), rtol=1e-4)
+
+
+# ---- whole model --------------------------------------------------------------------------------------
+W4 = Quantization(weights=WeightQuant(bits=4, granularity="per_channel"),
+                  activations=ActivationQuant(bits=8))
+
+
+def _quantize(steps, tmp_path, scheme=W4):
+    graph = import_model(EXAMPLE / "digits_mobilenet.onnx")
+    source = DataSource(str(EXAMPLE / "calib.npz"), tuple(model_inputs(graph)), None, 32)
+    ctx = PassContext(scheme=scheme, calibration=source)
+    passes = [PASSES.get(name)(PASSES.get(name).Options(**options)) for name, options in steps]
+    PassManager(passes).run(graph, ctx)
+    return graph, ctx
+
+
+def _logits_sqnr(model: onnx.ModelProto) -> float:
+    test = np.load(EXAMPLE / "test.npz")
+    name = next(k for k in test.files if k != "labels")
+    feeds = {session(model).get_inputs()[0].name: test[name][:200].astype(np.float32)}
+    (reference,) = session(str(EXAMPLE / "digits_mobilenet.onnx")).run(None, feeds)
+    (quantized,) = session(model).run(None, feeds)
+    return 10 * np.log10(np.sum(reference**2) / np.sum((reference - quantized) ** 2))
+
+
+@pytest.fixture(scope="module")
+def digits_models(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gptq")
+    head = [("annotate", {}), ("calibrate", {})]
+    graphs = {name: _quantize(head + middle + [("insert_qdq", {})], tmp) for name, middle in {
+        "nearest": [],
+        "gptq": [("gptq", {})],
+        "without clip search": [("gptq", {"clip_search": False})],
+    }.items()}
+    return graphs
+
+
+def test_chosen_codes_are_the_exported_codes(digits_models):
+    graph, ctx = digits_models["gptq"]
+    changed = [n for n in ctx.notes["gptq"] if n.get("codes_changed")]
+    assert changed, "gptq changed no code on the digits model"
+    model = to_proto(graph)
+    initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for value in graph.values.values():
+        if "float_weight" in value.meta:  # the float weight, and the codes insert_qdq wrote for it
+            codes = initializers[f"{value.name}_quantized"]
+            np.testing.assert_array_equal(codes, quantize(value.const, value.qparams))
+            assert codes.min() >= -8 and codes.max() <= 7
+
+
+def test_gptq_beats_round_to_nearest_through_onnxruntime(digits_models):
+    sqnr = {name: _logits_sqnr(to_proto(graph)) for name, (graph, _) in digits_models.items()}
+    # measured: nearest 13.9 dB, without clip search 18.4 dB, gptq 20.4 dB (W4A8, 200 test digits)
+    assert sqnr["without clip search"] > sqnr["nearest"] + 3.0, sqnr
+    assert sqnr["gptq"] > sqnr["without clip search"] + 0.5, sqnr
+
+
+def test_correct_bias_measures_against_the_float_weight(tmp_path):
+    """After gptq the weight constant is on the grid; bias correction must still see ε = Ŵ − W."""
+    graph, _ = _quantize([("annotate", {}), ("calibrate", {}), ("gptq", {}), ("correct_bias", {})], tmp_path)
+    moved = [v for v in graph.values.values() if "float_weight" in v.meta]
+    assert moved
+    for value in moved:
+        np.testing.assert_array_equal(fake_quantize(value.const, value.qparams), value.const)
+    gptq_only, _ = _quantize([("annotate", {}), ("calibrate", {}), ("gptq", {})], tmp_path)
+    layer = next(n for n in graph.nodes if n.op_type == "Conv" and "float_weight" in n.inputs[1].meta)
+    before = next(n for n in gptq_only.nodes if n.name == layer.name).input(2).const
+    assert not np.allclose(layer.input(2).const, before), "bias correction did nothing after gptq"
