@@ -10,7 +10,8 @@ onnxruntime (CPU, its int8 kernels where it fuses them).
 
 Rows are cumulative: nothing, + fold_batchnorm, + equalize_cross_layer, + absorb_high_bias, then
 the refine passes other modules provide when they are registered (correct_bias, aciq_clip),
-and exclude_layers / hswish_shift rows when present; then per-channel weights for reference.
+and exclude_layers / hswish_shift rows when present; then per-channel weights for reference, and
+4-bit per-channel weights (W4A8) with fold only, with DFQ, and with gptq + bias correction.
 For every row: the float model after the transform passes alone (top-1, agreement of its
 top-1 with the original FP32 model), and the quantized model (top-1, agreement with FP32,
 mean KL(FP32 ‖ INT8) of the softmax). --variants adds the option ablations quoted in the pass
@@ -35,7 +36,7 @@ MODEL = model("efficientnet_lite0_bn.onnx")
 RECIPE = """
 version: 1
 quantization:
-  weights: {{bits: 8, symmetric: true, granularity: {granularity}, calibrator: max}}
+  weights: {{bits: {bits}, symmetric: true, granularity: {granularity}, calibrator: max}}
   activations: {{bits: 8, symmetric: true, signed: true, calibrator: max}}
 calibration: {{batch_size: 1}}
 preprocessing: {{mean: [127.0], std: [128.0], layout: NCHW}}
@@ -53,11 +54,11 @@ def mean_kl(reference: np.ndarray, other: np.ndarray) -> float:
 
 
 def compile_with(work: Path, tag: str, steps: list, granularity: str,
-                 calib_npz: Path | None) -> tuple[Path, dict, float]:
+                 calib_npz: Path | None, bits: int = 8) -> tuple[Path, dict, float]:
     from qcompile.compiler import compile_model
 
     recipe = work / f"{tag}.yaml"
-    recipe.write_text(RECIPE.format(granularity=granularity, passes=json.dumps(steps)))
+    recipe.write_text(RECIPE.format(bits=bits, granularity=granularity, passes=json.dumps(steps)))
     out = work / f"{tag}.onnx"
     start = time.perf_counter()
     report = compile_model(MODEL, recipe, out, calib=calib_npz)
@@ -71,8 +72,9 @@ def pass_stats(report: dict, name: str) -> dict:
     return {}
 
 
-def rows_to_run(registered: set[str], variants: bool) -> list[tuple[str, list, str]]:
-    """(label, transform + refine steps, weight granularity); quantization steps are added around them."""
+def rows_to_run(registered: set[str], variants: bool) -> list[tuple[str, list, str, int]]:
+    """(label, transform + refine steps, weight granularity, weight bits); quantization steps are added
+    around them."""
     fold, cle, hba = "fold_batchnorm", "equalize_cross_layer", "absorb_high_bias"
     dfq = [fold, cle, hba]
     rows = [("nothing", [], "per_tensor"),
@@ -104,6 +106,18 @@ def rows_to_run(registered: set[str], variants: bool) -> list[tuple[str, list, s
                  ("  HBA without CLE", [fold, hba], "per_tensor")]
     rows += [("per-channel + fold", [fold], "per_channel"),
              ("per-channel + DFQ", dfq + refine, "per_channel")]
+    rows = [(*row, 8) for row in rows]
+    rows += [("W4A8 + fold", [fold], "per_channel", 4),
+             ("W4A8 + DFQ", dfq + refine, "per_channel", 4)]
+    if "gptq" in registered:
+        rows.append(("W4A8 + fold + gptq" + (" + correct_bias" if refine else ""), [fold, "gptq"] + refine,
+                     "per_channel", 4))
+        if variants:
+            rows += [("  gptq without clip search", [fold, {"gptq": {"clip_search": False}}] + refine,
+                      "per_channel", 4),
+                     ("  gptq after CLE", [fold, cle, "gptq"] + refine, "per_channel", 4),
+                     ("  gptq without correct_bias", [fold, "gptq"], "per_channel", 4),
+                     ("per-channel W8A8 + fold + gptq", [fold, "gptq"] + refine, "per_channel", 8)]
     return rows
 
 
@@ -143,7 +157,7 @@ def main() -> int:
         reference = logits(MODEL, eval_images)
         ref_pred = reference.argmax(1)
         float_cache: dict[str, tuple[float, float]] = {}
-        for index, (label, steps, granularity) in enumerate(rows_to_run(registered, args.variants)):
+        for index, (label, steps, granularity, bits) in enumerate(rows_to_run(registered, args.variants)):
             phases = by_phase(steps)
             transform, annotate, refine = (phases.get(p, []) for p in ("TRANSFORM", "ANNOTATE", "REFINE"))
             key = json.dumps(transform)
@@ -155,11 +169,11 @@ def main() -> int:
                     pred = ref_pred
                 float_cache[key] = (float(np.mean(pred == eval_labels)), float(np.mean(pred == ref_pred)))
             path, report, seconds = compile_with(work, f"q{index}", transform + annotate + QUANTIZE[:2] + refine
-                                                 + QUANTIZE[2:], granularity, calib_npz)
+                                                 + QUANTIZE[2:], granularity, calib_npz, bits)
             out = logits(path, eval_images)
             pred = out.argmax(1)
             stats = {s: pass_stats(report, s) for s in ("equalize_cross_layer", "absorb_high_bias")}
-            results.append({"row": label, "granularity": granularity, "steps": steps,
+            results.append({"row": label, "granularity": granularity, "weight_bits": bits, "steps": steps,
                             "float_top1": float_cache[key][0], "float_agreement": float_cache[key][1],
                             "top1": float(np.mean(pred == eval_labels)), "agreement": float(np.mean(pred == ref_pred)),
                             "kl": mean_kl(reference, out), "seconds": seconds,
@@ -167,12 +181,13 @@ def main() -> int:
             print(f"  done: {label}", file=sys.stderr)
 
     print(f"EfficientNet-Lite0 (BN kept), calibration {args.calib} images, evaluation {args.eval} images "
-          f"(imagenet_sample_dev.npz); W8A8 symmetric, max calibration, QDQ in onnxruntime")
-    print(f"{'row':<36}{'weights':<13}{'float top-1':>12}{'float agr':>10}{'int8 top-1':>11}{'agree':>8}"
+          f"(imagenet_sample_dev.npz); symmetric weights (8-bit unless W4A8) and 8-bit activations, max "
+          f"calibration, QDQ in onnxruntime")
+    print(f"{'row':<40}{'weights':<13}{'float top-1':>12}{'float agr':>10}{'quant top-1':>12}{'agree':>8}"
           f"{'KL':>8}{'build s':>9}")
     for r in results:
-        print(f"{r['row']:<36}{r['granularity']:<13}{100 * r['float_top1']:>12.2f}{100 * r['float_agreement']:>10.2f}"
-              f"{100 * r['top1']:>11.2f}{100 * r['agreement']:>8.2f}{r['kl']:>8.4f}{r['seconds']:>9.1f}")
+        print(f"{r['row']:<40}{r['granularity']:<13}{100 * r['float_top1']:>12.2f}{100 * r['float_agreement']:>10.2f}"
+              f"{100 * r['top1']:>12.2f}{100 * r['agreement']:>8.2f}{r['kl']:>8.4f}{r['seconds']:>9.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     return 0

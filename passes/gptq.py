@@ -46,6 +46,7 @@ a constant 2-D weight; others (ConvTranspose, weights already lowered) are skipp
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Iterator
 
@@ -301,32 +302,34 @@ class GptqPass(Pass):
         weight = node.input(1)
         float_w = weight.const
         calibrated = weight.qparams
+        spec = calibrated.spec
         matrix, back = weight_matrix(node, float_w.astype(np.float64))
-        best_codes = best_errors = best_ratio = None
-        for ratio in _CLIP_RATIOS if self.options.clip_search else (1.0,):
-            qp = calibrated if ratio == 1.0 else qparams_from_range(calibrated.lo * ratio, calibrated.hi * ratio,
-                                                                   calibrated.spec)
-            scale, zero_point = _row_params(qp, node, float_w)
-            if compensate:
-                codes = gptq_codes(matrix, h, scale, zero_point, qp.spec.qmin, qp.spec.qmax,
-                                   damping=self.options.damping, act_order=self.options.act_order)
-            else:
-                codes = np.clip(round_half_even(matrix / scale[..., None]) + zero_point[..., None],
-                                qp.spec.qmin, qp.spec.qmax)
-            errors = _row_errors(matrix, (codes - zero_point[..., None]) * scale[..., None], h)
-            if calibrated.axis is None:
-                errors = np.full_like(errors, errors.sum())
-            if best_codes is None:
-                best_codes, best_errors, best_ratio = codes, errors, np.ones_like(errors)
-            else:
-                better = errors < best_errors
-                best_codes = np.where(better[..., None], codes, best_codes)
-                best_errors = np.where(better, errors, best_errors)
-                best_ratio = np.where(better, ratio, best_ratio)
-        ratios = best_ratio.reshape(-1) if calibrated.axis is not None else best_ratio.reshape(-1)[0]
-        qp = weight.qparams = calibrated if np.all(ratios == 1.0) else qparams_from_range(
-            calibrated.lo * ratios, calibrated.hi * ratios, calibrated.spec)
-        codes = back(best_codes).astype(qp.spec.numpy_type)
+        groups, rows, inputs = matrix.shape
+        candidates = [calibrated] + ([qparams_from_range(calibrated.lo * r, calibrated.hi * r, spec)
+                                      for r in _CLIP_RATIOS[1:]] if self.options.clip_search else [])
+        # every candidate's rows side by side: one GPTQ sweep for all (rows are independent given H)
+        scale, zero_point = (np.concatenate(parts, axis=1) for parts in zip(
+            *(_row_params(qp, node, float_w) for qp in candidates)))
+        stacked = np.tile(matrix, (1, len(candidates), 1))
+        if compensate:
+            codes = gptq_codes(stacked, h, scale, zero_point, spec.qmin, spec.qmax,
+                               damping=self.options.damping, act_order=self.options.act_order)
+        else:
+            codes = np.clip(round_half_even(stacked / scale[..., None]) + zero_point[..., None], spec.qmin, spec.qmax)
+        errors = _row_errors(stacked, (codes - zero_point[..., None]) * scale[..., None], h)
+        errors = errors.reshape(groups, len(candidates), rows)
+        codes = codes.reshape(groups, len(candidates), rows, inputs)
+        if calibrated.axis is None:  # one clip for the tensor
+            best = np.full((groups, rows), int(np.argmin(errors.sum(axis=(0, 2)))))
+            qp = candidates[int(best.flat[0])]
+        else:
+            best = np.argmin(errors, axis=1)  # [G, R], rows in channel order
+            pick = lambda field: np.stack([getattr(c, field) for c in candidates])[  # noqa: E731
+                best.reshape(-1), np.arange(best.size)]
+            qp = dataclasses.replace(calibrated, scale=pick("scale"), zero_point=pick("zero_point"),
+                                     lo=pick("lo"), hi=pick("hi"))
+        weight.qparams = qp
+        codes = back(np.take_along_axis(codes, best[:, None, :, None], axis=1)[:, 0]).astype(spec.numpy_type)
         chosen = dequantize(codes, qp)
         if not np.array_equal(quantize(chosen, qp), codes):  # never seen: float32 s·q re-quantizes to q
             raise PassError(f"[gptq] {node.describe()}: the chosen codes do not survive re-quantization")

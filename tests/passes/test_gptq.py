@@ -164,3 +164,21 @@ def test_correct_bias_measures_against_the_float_weight(tmp_path):
     layer = next(n for n in graph.nodes if n.op_type == "Conv" and "float_weight" in n.inputs[1].meta)
     before = next(n for n in gptq_only.nodes if n.name == layer.name).input(2).const
     assert not np.allclose(layer.input(2).const, before), "bias correction did nothing after gptq"
+
+
+@pytest.mark.parametrize("weights", [
+    WeightQuant(bits=4, granularity="per_tensor"),
+    WeightQuant(bits=4, symmetric=False, granularity="per_channel"),
+])
+def test_per_tensor_and_asymmetric_weights(weights, tmp_path):
+    scheme = Quantization(weights=weights, activations=ActivationQuant(bits=8))
+    tail = [("insert_qdq", {})]
+    nearest, _ = _quantize([("annotate", {}), ("calibrate", {})] + tail, tmp_path, scheme)
+    chosen, _ = _quantize([("annotate", {}), ("calibrate", {}), ("gptq", {})] + tail, tmp_path, scheme)
+    for value in chosen.values.values():
+        if "float_weight" in value.meta:
+            qp = value.qparams
+            assert (qp.axis is None) == (weights.granularity == "per_tensor")
+            codes = quantize(value.const, qp)
+            assert codes.min() >= qp.spec.qmin and codes.max() <= qp.spec.qmax
+    assert _logits_sqnr(to_proto(chosen)) > _logits_sqnr(to_proto(nearest)) + 1.0
