@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Iterator
 
 import numpy as np
@@ -281,22 +282,24 @@ class GptqPass(Pass):
                     f"{count} input vectors from the calibration data cannot determine the second moment of "
                     f"its {inputs_per_group} inputs; only the clip search ran, weighted by each input's energy "
                     "(calibrate on more samples to include it)")})
-            changed, codes, ratio = self._round(node, h, compensate=count >= inputs_per_group)
-            changed_codes += changed
-            total_codes += codes
+            figures = self._round(node, h, compensate=count >= inputs_per_group)
+            changed_codes += figures["codes_changed"]
+            total_codes += figures["codes"]
             rounded += 1
-            gain.append(ratio)
-            ctx.note("gptq", {"node": node.name, "op": node.op_type, "codes_changed": changed,
-                              "codes": codes, "output_error_ratio": ratio})
+            gain.append(figures["output_error_ratio"])
+            ctx.note("gptq", {"node": node.name, "op": node.op_type, **figures})
         return PassResult(modified=rounded > 0, stats={
             "layers": rounded, "codes_changed": changed_codes, "codes": total_codes,
             "median_output_error_ratio": float(np.median(gain)) if gain else None})
 
-    def _round(self, node: Node, h: np.ndarray, compensate: bool = True) -> tuple[int, int, float]:
-        """Choose the codes of one layer; returns (codes changed vs nearest, codes, output error ratio).
+    def _round(self, node: Node, h: np.ndarray, compensate: bool = True) -> dict:
+        """Choose the codes of one layer; returns the report's figures for it: codes changed from
+        nearest rounding, output error relative to nearest rounding at the calibrated clip, and the
+        layer output's SQNR on the calibration data (E‖Wx‖² / E‖(W − Ŵ)x‖²).
 
         Without compensation the codes are the nearest ones and only the clip search runs, with the
         errors weighted by diag(H) (each input's energy)."""
+        measured_h = h  # errors are reported against the full H even when only its diagonal steers
         if not compensate:
             h = h * np.eye(h.shape[-1])
         weight = node.input(1)
@@ -334,8 +337,11 @@ class GptqPass(Pass):
         if not np.array_equal(quantize(chosen, qp), codes):  # never seen: float32 s·q re-quantizes to q
             raise PassError(f"[gptq] {node.describe()}: the chosen codes do not survive re-quantization")
         nearest = dequantize(quantize(float_w, calibrated), calibrated)
-        before = float(np.sum(_row_errors(matrix, weight_matrix(node, nearest.astype(np.float64))[0], h)))
-        after = float(np.sum(_row_errors(matrix, weight_matrix(node, chosen.astype(np.float64))[0], h)))
+        before, after = (float(np.sum(_row_errors(matrix, weight_matrix(node, w_hat.astype(np.float64))[0], measured_h)))
+                         for w_hat in (nearest, chosen))
+        signal = float(np.sum(np.matmul(matrix, measured_h) * matrix))
         weight.const = chosen  # same name, dtype and shape; only the values move onto the grid
         weight.meta["float_weight"] = float_w
-        return int(np.sum(codes != quantize(float_w, qp))), int(codes.size), after / before if before > 0 else 1.0
+        return {"codes_changed": int(np.sum(codes != quantize(float_w, qp))), "codes": int(codes.size),
+                "output_error_ratio": after / before if before > 0 else 1.0,
+                "output_sqnr_db": 10 * math.log10(signal / after) if after > 0 and signal > 0 else None}

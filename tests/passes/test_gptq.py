@@ -137,6 +137,7 @@ def test_chosen_codes_are_the_exported_codes(digits_models):
     graph, ctx = digits_models["gptq"]
     changed = [n for n in ctx.notes["gptq"] if n.get("codes_changed")]
     assert changed, "gptq changed no code on the digits model"
+    assert all(0 < n["output_error_ratio"] <= 1.0 and n["output_sqnr_db"] > 5 for n in changed), changed
     model = to_proto(graph)
     initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for value in graph.values.values():
@@ -182,3 +183,16 @@ def test_per_tensor_and_asymmetric_weights(weights, tmp_path):
             codes = quantize(value.const, qp)
             assert codes.min() >= qp.spec.qmin and codes.max() <= qp.spec.qmax
     assert _logits_sqnr(to_proto(chosen)) > _logits_sqnr(to_proto(nearest)) + 1.0
+
+
+def test_shipped_w4a8_recipe_on_the_example(tmp_path):
+    """The shipped recipe end to end: the logits of the onnxruntime-run W4A8 model against the float
+    model (measured: 20.2 dB with gptq, 14.2 dB with the same recipe without it)."""
+    from conftest import RECIPES
+    from qcompile.compiler import compile_model
+
+    report = compile_model(EXAMPLE / "digits_mobilenet.onnx", RECIPES / "w4a8.yaml", tmp_path / "w4.onnx",
+                           calib=EXAMPLE / "calib.npz", eval_data=EXAMPLE / "test.npz")
+    assert any(note.get("codes_changed") for note in report["notes"]["gptq"])
+    (logits,) = report["evaluation"]["outputs"]
+    assert logits["sqnr_db"] > 17.0, logits
