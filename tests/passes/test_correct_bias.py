@@ -213,6 +213,38 @@ def test_analytic_mode_uses_the_folded_batchnorm(tmp_path):
     assert note["node"] == "conv1" and "no BatchNorm statistics" in note["skipped"]
 
 
+def test_analytic_mode_looks_through_a_per_channel_min(tmp_path):
+    """equalize_cross_layer writes ReLU6 as Clip(0, max) -> Min(bound per channel); E[x] is then
+    the clipped normal mean with each channel's own upper bound (Monte Carlo here)."""
+    rng = np.random.default_rng(12)
+    channels = 5
+    gamma = np.array([1.0, 2.0, 0.5, 1.5, 3.0], np.float32)
+    beta = np.array([0.5, -1.0, 2.0, 5.5, 0.0], np.float32)
+    bound = np.array([6.0, 3.0, 1.0, 4.0, 2.0], np.float32)
+    w1 = (rng.standard_normal((channels, 3, 3, 3)) * 0.5).astype(np.float32)
+    w2 = (rng.standard_normal((4, channels, 1, 1)) * 0.3).astype(np.float32)
+    inits = {"w1": w1, "g": gamma, "be": beta, "mu": np.zeros(channels, np.float32),
+             "var": np.ones(channels, np.float32), "w2": w2, "lo": np.float32(0.0), "hi": np.float32(6.0),
+             "bound": bound.reshape(channels, 1, 1)}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c1", "g", "be", "mu", "var"], ["bn"], epsilon=0.0),
+             helper.make_node("Clip", ["bn", "lo", "hi"], ["r6"], name="relu6"),
+             helper.make_node("Min", ["r6", "bound"], ["m"], name="per_channel_min"),
+             helper.make_node("Conv", ["m", "w2"], ["y"], name="conv2")]
+    path = _save(tmp_path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits)
+    x = rng.standard_normal((16, 3, 8, 8)).astype(np.float32)
+    graph, _ = _compile(path, {"x": x}, tmp_path, [("fold_batchnorm", {}), ("annotate", {}), ("calibrate", {}),
+                                                   ("correct_bias", {"mode": "analytic"})])
+    scale = np.abs(w2).max() / 127.0
+    error_sum = (np.round(w2.astype(np.float64) / scale) * scale - w2).sum(axis=(2, 3))
+    samples = np.random.default_rng(5).standard_normal((1_000_000, 1))
+    monte_carlo = np.clip(beta + gamma * samples, 0.0, np.minimum(bound, 6.0)).mean(axis=0)
+    expected = -error_sum @ monte_carlo
+    np.testing.assert_allclose(_node(graph, "conv2").input(2).const, expected, rtol=1e-2,
+                               atol=1e-2 * np.abs(expected).max())
+
+
 # ---- bias overflow guard ------------------------------------------------------------------------------
 def test_bias_overflow_guard_is_settled_before_insert_qdq(tmp_path):
     rng = np.random.default_rng(2)
