@@ -279,6 +279,10 @@ class GptqPass(Pass):
         for node in ctx.progress(layers, len(layers), "gptq"):
             count = moments[node.name].count
             h = moments.pop(node.name).value()
+            if node.inputs[1].meta.get("float_weight") is not None:  # a weight shared with an earlier layer
+                ctx.note("gptq", {"node": node.name, "op": node.op_type,
+                                  "skipped": "its weight is shared with an earlier layer, which chose its codes"})
+                continue
             if h is None:
                 ctx.note("gptq", {"node": node.name, "op": node.op_type,
                                   "skipped": "the calibration data never reached this layer"})

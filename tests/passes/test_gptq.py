@@ -227,3 +227,24 @@ def test_matmul_and_gemm_weight_layouts(op, tmp_path):
         weight = next(v for v in graph.values.values() if v.name.startswith("w_") and v.name.endswith("_scale"))
         assert weight.const.shape == (n,)  # one scale per output column
     assert errors["gptq"] < 0.6 * errors["nearest"], errors
+
+
+def test_a_weight_shared_by_two_layers_is_chosen_once(tmp_path):
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((8, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="first"),
+             helper.make_node("MatMul", ["h", "w"], ["y"], name="second")]
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], [numpy_helper.from_array(w, "w")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((64, 8)).astype(np.float32))
+    graph = import_model(tmp_path / "m.onnx")
+    source = DataSource(str(tmp_path / "calib.npz"), tuple(model_inputs(graph)), None, 64)
+    ctx = PassContext(scheme=W4, calibration=source)
+    PassManager([PASSES.get(s)() for s in ("annotate", "calibrate", "gptq")]).run(graph, ctx)
+    np.testing.assert_array_equal(graph.values["w"].meta["float_weight"], w)  # the float weight, not codes
+    skipped = [n for n in ctx.notes["gptq"] if "skipped" in n]
+    assert [n["node"] for n in skipped] == ["second"] and "shared" in skipped[0]["skipped"]
