@@ -60,6 +60,7 @@ from qcompile.calibration import make_calibrator
 from qcompile.collect import observe_float_values
 from qcompile.ir import Graph, Node, Value
 from qcompile.numerics import bias_qparams, fake_quantize, qparams_from_range
+from qcompile.op_rules import calibrated_weight_problem
 from qcompile.pipeline import Pass, PassContext, PassResult, Phase
 from qcompile.qtypes import QParams
 from qcompile.registry import register_pass
@@ -282,17 +283,7 @@ def _in_channels(node: Node) -> int:
 
 def _why_not(node: Node) -> str:
     """Empty when the layer can be corrected, else the reason."""
-    weight = node.input(1)
-    if weight is None or not weight.is_const:
-        return "the weight is not a constant"
-    if weight.qparams is None:
-        return "the weight has no quantization parameters"
-    if node.op_type == "MatMul" and weight.const.ndim != 2:
-        return f"MatMul weight of rank {weight.const.ndim} (only 2-D weights are handled)"
-    x = node.input(0)
-    if x is None or x.is_const:
-        return "the data input is a constant"
-    return _bias_slot(node)[2]
+    return calibrated_weight_problem(node) or _bias_slot(node)[2]
 
 
 def output_shift(node: Node, error: np.ndarray, mean: np.ndarray) -> np.ndarray:

@@ -67,6 +67,7 @@ from qcompile.errors import PassError
 from qcompile.executor.ops_conv import conv_geometry, im2col, pad_spatial
 from qcompile.ir import Graph, Node, Value
 from qcompile.numerics import dequantize, qparams_from_range, quantize, round_half_even
+from qcompile.op_rules import calibrated_weight_problem
 from qcompile.pipeline import Pass, PassContext, PassResult, Phase
 from qcompile.qtypes import QParams
 from qcompile.registry import register_pass
@@ -219,18 +220,12 @@ class SecondMoment:
 
 
 def _why_not(node: Node) -> str:
+    problem = calibrated_weight_problem(node)
+    if problem:
+        return problem
     weight = node.input(1)
-    if weight is None or not weight.is_const:
-        return "the weight is not a constant"
-    if weight.qparams is None:
-        return "the weight has no quantization parameters"
-    if node.op_type == "MatMul" and weight.const.ndim != 2:
-        return f"MatMul weight of rank {weight.const.ndim} (only 2-D weights are handled)"
     if weight.meta.get("float_weight") is not None:
         return "its codes were already chosen by an earlier gptq pass"
-    x = node.input(0)
-    if x is None or x.is_const:
-        return "the data input is a constant"
     if node.op_type == "Conv" and weight.const.ndim not in (3, 4, 5):
         return f"Conv weight of rank {weight.const.ndim}"
     return ""

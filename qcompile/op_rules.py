@@ -126,3 +126,20 @@ def activation_inputs(node: Node, rule: OpRule) -> tuple[int, ...]:
     if node.op_type in VARIADIC_ACTIVATION_INPUTS:
         return tuple(range(len(node.inputs)))
     return rule.activation_inputs
+
+
+def calibrated_weight_problem(node: Node) -> str:
+    """Why a Conv / Gemm / MatMul cannot be refined from its calibrated weight (empty when it can):
+    the weight must be a constant with quantization parameters (2-D for MatMul) and the data input
+    must not be. Shared by the refine passes that rework a layer's weight or bias."""
+    weight = node.input(1)
+    if weight is None or not weight.is_const:
+        return "the weight is not a constant"
+    if weight.qparams is None:
+        return "the weight has no quantization parameters"
+    if node.op_type == "MatMul" and weight.const.ndim != 2:
+        return f"MatMul weight of rank {weight.const.ndim} (only 2-D weights are handled)"
+    x = node.input(0)
+    if x is None or x.is_const:
+        return "the data input is a constant"
+    return ""
