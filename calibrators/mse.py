@@ -30,7 +30,7 @@ from qcompile.calibration import Range
 from qcompile.histogram import Histogram, HistogramCalibrator, HistogramOptions, Moments
 from qcompile.registry import register_calibrator
 
-__all__ = ["MseCalibrator", "squared_errors"]
+__all__ = ["MseCalibrator", "histogram_points", "squared_errors"]
 
 _CHUNK = 1 << 20  # candidates x values evaluated per numpy call
 _MAX_SWEEPS = 16
@@ -58,7 +58,7 @@ def squared_errors(values: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi: n
     return out
 
 
-def _points(histogram: Histogram) -> tuple[np.ndarray, np.ndarray]:
+def histogram_points(histogram: Histogram) -> tuple[np.ndarray, np.ndarray]:
     """(values, counts) of the non-empty bins: centres, with exact zeros as a point at 0."""
     centres = (np.arange(histogram.bins) + 0.5) * histogram.width
     positive = histogram.positive.astype(np.float64)
@@ -83,7 +83,7 @@ class MseCalibrator(HistogramCalibrator):
 
     def decide(self, histogram: Histogram, moments: Moments) -> Range:
         spec = self.spec
-        values, counts = _points(histogram)
+        values, counts = histogram_points(histogram)
         first = 2 ** (spec.bits - 1)
 
         def best(lo: np.ndarray, hi: np.ndarray) -> int:

@@ -66,7 +66,7 @@ def laplace_x():
     ActivationQuant(calibrator="percentile", calibrator_options={"percentile": 99.999}),  # reuses the histogram
 ], ids=["max", "percentile"])
 def test_recovers_laplace_alpha(tmp_path, laplace_x, activations):
-    steps = [("annotate", {}), ("calibrate", {}), ("aciq_clip", {"outputs": True})]
+    steps = [("annotate", {}), ("calibrate", {}), ("aciq_clip", {"outputs": True, "prior": "laplace"})]
     graph, ctx = _run(tmp_path, laplace_x, activations, steps)
     x = laplace_x.astype(np.float64).ravel()
     mu, b = x.mean(), np.abs(x - x.mean()).mean()
@@ -88,7 +88,8 @@ def test_recovers_laplace_alpha(tmp_path, laplace_x, activations):
 
 def test_graph_outputs_are_left_alone_by_default(tmp_path, laplace_x):
     before, _ = _run(tmp_path, laplace_x, ActivationQuant(), [("annotate", {}), ("calibrate", {})])
-    after, ctx = _run(tmp_path, laplace_x, ActivationQuant(), [("annotate", {}), ("calibrate", {}), ("aciq_clip", {})])
+    after, ctx = _run(tmp_path, laplace_x, ActivationQuant(), [("annotate", {}), ("calibrate", {}),
+                                                               ("aciq_clip", {"prior": "laplace"})])
     assert _ranges(after)["relu"] == _ranges(before)["relu"]  # 'relu' is a graph output
     assert _ranges(after)["x"][2] < _ranges(before)["x"][2]
     assert {"skipped_graph_outputs": 1} in ctx.notes["aciq_clip"]
@@ -126,7 +127,7 @@ def test_weights_option_clips_per_tensor_weights_only(tmp_path, laplace_x):
     weight = np.random.default_rng(3).laplace(0.0, 0.05, (64, 1, 1, 1)).astype(np.float32)
     weight[0, 0, 0, 0] = 1.0  # an outlier: max calibration puts the range at 1.0
     per_tensor = WeightQuant(granularity="per_tensor")
-    steps = [("annotate", {}), ("calibrate", {}), ("aciq_clip", {"weights": True})]
+    steps = [("annotate", {}), ("calibrate", {}), ("aciq_clip", {"weights": True, "prior": "laplace"})]
     graph, _ = _run(tmp_path, laplace_x, ActivationQuant(), steps, weights=per_tensor, model_weight=weight)
     w = weight.astype(np.float64).ravel()
     mad = np.abs(w - w.mean()).mean()
@@ -137,3 +138,49 @@ def test_weights_option_clips_per_tensor_weights_only(tmp_path, laplace_x):
     graph, ctx = _run(tmp_path, laplace_x, ActivationQuant(), steps, model_weight=weight)  # per channel
     assert float(graph.values["w"].qparams.scale.max()) == pytest.approx(1.0 / 127, rel=1e-6)
     assert {"skipped_per_channel": 1} in ctx.notes["aciq_clip"]
+
+
+def _data_mse(x: np.ndarray, qp) -> float:
+    """Clipping + rounding MSE of x under qp, computed directly on the samples."""
+    scale, zero_point = float(qp.scale), float(qp.zero_point)
+    codes = np.clip(np.round(x / scale) + zero_point, qp.spec.qmin, qp.spec.qmax)
+    return float(np.mean(((codes - zero_point) * scale - x) ** 2))
+
+
+def test_mix_keeps_the_outliers_a_prior_would_clip(tmp_path):
+    """A narrow body with 1% outliers at ±6 (a residual sum's shape): Laplace's k(8)·b window cuts the
+    outliers; mix scores it on the data and keeps the calibrated range instead."""
+    rng = np.random.default_rng(5)
+    x = rng.laplace(0.0, 0.1, (256, 1, 16, 16))
+    outliers = rng.random(x.shape) < 0.01
+    x = np.where(outliers, np.sign(x) * 6.0, x).astype(np.float32)
+    data = x.astype(np.float64).ravel()
+    calibrated, _ = _run(tmp_path, x, ActivationQuant(), [("annotate", {}), ("calibrate", {})])
+    laplace, _ = _run(tmp_path, x, ActivationQuant(), [("annotate", {}), ("calibrate", {}),
+                                                        ("aciq_clip", {"prior": "laplace"})])
+    mixed, ctx = _run(tmp_path, x, ActivationQuant(), [("annotate", {}), ("calibrate", {}), ("aciq_clip", {})])
+    assert _ranges(laplace)["x"][1] < 3.0  # the prior's window, far inside the outliers
+    assert _ranges(mixed)["x"] == _ranges(calibrated)["x"]
+    errors = {name: _data_mse(data, g.values["x"].qparams) for name, g in
+              (("calibrated", calibrated), ("laplace", laplace))}
+    assert errors["calibrated"] < 0.01 * errors["laplace"], errors
+    assert "aciq_clip" not in ctx.notes or all("tensor" not in n for n in ctx.notes["aciq_clip"])
+
+
+def test_mix_clips_laplace_weights_at_four_bits(tmp_path):
+    """At 4 bits clipping pays on Laplace data: mix picks the Laplace window for a per-tensor weight,
+    and the weight's own MSE (computed here from the values) is lower than with its max range."""
+    rng = np.random.default_rng(6)
+    weight = rng.laplace(0.0, 0.05, (256, 16, 1, 1)).astype(np.float32)
+    x = rng.standard_normal((8, 16, 16, 16)).astype(np.float32)
+    weights = WeightQuant(bits=4, granularity="per_tensor")
+    calibrated, _ = _run(tmp_path, x, ActivationQuant(), [("annotate", {}), ("calibrate", {})],
+                         weights=weights, model_weight=weight)
+    mixed, ctx = _run(tmp_path, x, ActivationQuant(), [("annotate", {}), ("calibrate", {}),
+                                                        ("aciq_clip", {"weights": True})],
+                      weights=weights, model_weight=weight)
+    note = next(n for n in ctx.notes["aciq_clip"] if n.get("tensor") == "w")
+    assert note["prior"] == "laplace"
+    data = weight.astype(np.float64).ravel()
+    before, after = (_data_mse(data, g.values["w"].qparams) for g in (calibrated, mixed))
+    assert after < 0.7 * before, (before, after)
