@@ -11,8 +11,8 @@ outliers the next layers need, and clipping them at k(8)·b cost 22 points of to
 66.25%, per-tensor W8A8, 400 images). ``prior: mix`` (the default) is the ACIQ reference code's
 mix mode (papers.md §2.1): per tensor, the Laplace window, the Gaussian window and the calibrated
 range are each scored by the quantization MSE they give the tensor's own histogram (clipping +
-rounding, calibrators/mse.py's estimate), and the lowest wins, ties going to the calibrated
-range; the report notes which. On the same model and images mix clips 29 of 60 tensors (28 with
+rounding; calibrators/aciq.py's quantization_error, as the aciq calibrator's own mix does), and
+the lowest wins, ties going to the calibrated range; the report notes which. On the same model and images mix clips 29 of 60 tensors (28 with
 the Laplace window, 1 with the Gaussian) and gives 88.25% / 97.50% agreement, KL to FP32 0.0125
 against 0.0129 without aciq_clip (88.50%; one image). ``laplace`` / ``gaussian`` apply that
 prior everywhere. The window is placed exactly as the ``aciq``
@@ -51,8 +51,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from qcompile.calibration import Range
-from qcompile.calibrators.aciq import AciqCalibrator, AciqOptions
-from qcompile.calibrators.mse import histogram_points, squared_errors
+from qcompile.calibrators.aciq import AciqCalibrator, AciqOptions, least_error
 from qcompile.collect import collect_statistics
 from qcompile.exporter import to_proto
 from qcompile.histogram import HistogramCalibrator, range_for_spec
@@ -78,38 +77,24 @@ def _aciq_spec(spec: QuantSpec, prior: str) -> QuantSpec:
     return dataclasses.replace(spec, calibrator="aciq", calibrator_options={"prior": prior})
 
 
-def _aciq_range(statistics: HistogramCalibrator, spec: QuantSpec, prior: str) -> Range:
+def _window(statistics: HistogramCalibrator, spec: QuantSpec, prior: str) -> Range:
     """ACIQ's window for one per-tensor row of statistics, shaped to the spec."""
     decider = AciqCalibrator(_aciq_spec(spec, prior), AciqOptions(prior=prior))
-    chosen = decider.decide(statistics.histogram(0), statistics.statistics.moments(0))
+    chosen = decider.window(statistics.histogram(0), statistics.statistics.moments(0), prior)
     return range_for_spec(chosen.lo, chosen.hi, spec)
 
 
-def _quantization_error(statistics: HistogramCalibrator, spec: QuantSpec, lo: float, hi: float) -> float:
-    """Clipping + rounding MSE of the range [lo, hi] on the tensor's histogram (calibrators/mse.py)."""
-    values, counts = histogram_points(statistics.histogram(0))
-    return float(squared_errors(values, counts, np.array([lo]), np.array([hi]), spec.qmin, spec.qmax,
-                                spec.symmetric)[0])
-
-
 def _choose(statistics: HistogramCalibrator, qparams, prior: str) -> tuple[str, float, float]:
-    """(prior chosen, lo, hi): ACIQ's window intersected with the calibrated range; in mix mode the
-    window (Laplace, Gaussian or none) whose quantization MSE on the histogram is lowest."""
+    """(prior chosen, lo, hi): ACIQ's window intersected with the calibrated range; in mix mode
+    the calibrated range itself competes ("none"), and the lowest quantization MSE wins."""
     spec = qparams.spec
-    calibrated = ("none", float(qparams.lo), float(qparams.hi))
-    choices = []
+    lo, hi = float(qparams.lo), float(qparams.hi)
+    candidates = {"none": Range(lo, hi)} if prior == "mix" else {}
     for name in (("laplace", "gaussian") if prior == "mix" else (prior,)):
-        window = _aciq_range(statistics, spec, name)
-        choices.append((name, max(calibrated[1], float(window.lo)), min(calibrated[2], float(window.hi))))
-    if prior != "mix":
-        return choices[0]
-    best = calibrated
-    best_error = _quantization_error(statistics, spec, calibrated[1], calibrated[2])
-    for choice in choices:
-        error = _quantization_error(statistics, spec, choice[1], choice[2])
-        if error < best_error:
-            best, best_error = choice, error
-    return best
+        window = _window(statistics, spec, name)
+        candidates[name] = Range(max(lo, float(window.lo)), min(hi, float(window.hi)))
+    name = least_error(statistics.histogram(0), spec, candidates) if prior == "mix" else prior
+    return name, float(candidates[name].lo), float(candidates[name].hi)
 
 
 def _has_statistics(value: Value) -> bool:

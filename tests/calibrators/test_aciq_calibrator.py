@@ -127,3 +127,38 @@ def test_gaussian_uses_the_unbiased_standard_deviation_per_channel():
                           np.abs(w).max(axis=1))
     np.testing.assert_allclose(r.hi, expected, rtol=1e-4)
     np.testing.assert_array_equal(r.lo, -r.hi)
+
+
+def _sample_mse(x: np.ndarray, r, bits: int) -> float:
+    """MSE on the samples of a symmetric quantizer of the range r, codes in ±(2^(bits-1) - 1)."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = max(-float(r.lo), float(r.hi)) / qmax
+    return float(np.mean((np.clip(np.round(x / scale), -qmax, qmax) * scale - x.astype(np.float64)) ** 2))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_mix_picks_the_true_prior(laplace_data, gaussian_data, bits):
+    """Each prior's own data: mix takes that prior's window (the other one and no clipping score worse;
+    at 2-3 bits the two windows are within a few % of each other and either may win)."""
+    for (x, _), prior in ((laplace_data, "laplace"), (gaussian_data, "gaussian")):
+        expected = make_calibrator(QuantSpec(bits=bits, calibrator="aciq", calibrator_options={"prior": prior}))
+        mixed = make_calibrator(QuantSpec(bits=bits, calibrator="aciq", calibrator_options={"prior": "mix"}))
+        expected.observe(x)
+        mixed.observe(x)
+        assert float(mixed.compute_range().hi) == float(expected.compute_range().hi), prior
+
+
+def test_mix_keeps_needed_outliers():
+    """A narrow body with 1% outliers at ±6: both priors' windows cut the outliers and cost far more
+    MSE on the samples than the whole range; mix keeps the whole range."""
+    rng = np.random.default_rng(7)
+    x = rng.laplace(0.0, 0.1, 200_000)
+    x = np.where(rng.random(x.size) < 0.01, np.sign(x) * 6.0, x).astype(np.float32)
+    ranges = {}
+    for prior in ("laplace", "gaussian", "mix"):
+        calibrator = make_calibrator(QuantSpec(bits=8, calibrator="aciq", calibrator_options={"prior": prior}))
+        calibrator.observe(x)
+        ranges[prior] = calibrator.compute_range()
+    assert float(ranges["mix"].hi) == pytest.approx(float(np.abs(x).max()))
+    whole = _sample_mse(x, ranges["mix"], 8)
+    assert all(whole < 0.05 * _sample_mse(x, ranges[p], 8) for p in ("laplace", "gaussian"))
