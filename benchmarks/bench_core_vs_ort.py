@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import DEV_DATA, image_reader, model, top1
+from common import DEV_DATA, model, ort_quantize, top1
 
 MODEL = model("efficientnet_lite0_fused.onnx")
 
@@ -48,15 +48,8 @@ def qcompile_model(work: Path, calib_npz: Path, granularity: str, symmetric: boo
 
 
 def ort_model(work: Path, calib_images: np.ndarray, per_channel: bool, symmetric: bool) -> tuple[Path, float]:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
     out = work / f"ort_{'pc' if per_channel else 'pt'}_{'sym' if symmetric else 'asym'}.onnx"
-    start = time.perf_counter()
-    quantize_static(str(MODEL), str(out), image_reader(calib_images), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax,
-                    extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
-    return out, time.perf_counter() - start
+    return ort_quantize(MODEL, out, calib_images, per_channel, symmetric)
 
 
 def main() -> int:

@@ -11,7 +11,9 @@ onnxruntime (CPU, its int8 kernels where it fuses them).
 Rows are cumulative: nothing, + fold_batchnorm, + equalize_cross_layer, + absorb_high_bias, then
 the refine passes other modules provide when they are registered (correct_bias, aciq_clip),
 and exclude_layers / hswish_shift rows when present; then per-channel weights for reference, and
-4-bit per-channel weights (W4A8) with fold only, with DFQ, and with gptq + bias correction.
+4-bit per-channel weights (W4A8) with fold only, with DFQ, and with gptq + bias correction;
+last, the peer on the same images: onnxruntime quantize_static (QDQ, MinMax, its defaults of
+uint8 asymmetric activations and int8 symmetric weights) per tensor and per channel.
 For every row: the float model after the transform passes alone (top-1, agreement of its
 top-1 with the original FP32 model), and the quantized model (top-1, agreement with FP32,
 mean KL(FP32 ‖ INT8) of the softmax). --variants adds the option ablations quoted in the pass
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import DEV_DATA, logits, model
+from common import DEV_DATA, logits, model, ort_quantize
 
 MODEL = model("efficientnet_lite0_bn.onnx")
 
@@ -178,6 +180,19 @@ def main() -> int:
                             "top1": float(np.mean(pred == eval_labels)), "agreement": float(np.mean(pred == ref_pred)),
                             "kl": mean_kl(reference, out), "seconds": seconds,
                             "stats": {k: v for k, v in stats.items() if v}})
+            print(f"  done: {label}", file=sys.stderr)
+        float_top1 = float(np.mean(ref_pred == eval_labels))
+        for per_channel in (False, True):
+            granularity = "per_channel" if per_channel else "per_tensor"
+            label = f"onnxruntime quantize_static {granularity.replace('_', '-')}"
+            path, seconds = ort_quantize(MODEL, work / f"ort_{granularity}.onnx", images[:args.calib], per_channel,
+                                         symmetric=False)
+            out = logits(path, eval_images)
+            pred = out.argmax(1)
+            results.append({"row": label, "granularity": granularity, "weight_bits": 8, "steps": [],
+                            "float_top1": float_top1, "float_agreement": 1.0,
+                            "top1": float(np.mean(pred == eval_labels)), "agreement": float(np.mean(pred == ref_pred)),
+                            "kl": mean_kl(reference, out), "seconds": seconds, "stats": {}})
             print(f"  done: {label}", file=sys.stderr)
 
     print(f"EfficientNet-Lite0 (BN kept), calibration {args.calib} images, evaluation {args.eval} images "

@@ -1,7 +1,9 @@
 """What the benchmarks share: paths into ../shared, EfficientNet-Lite0 preprocessing, batch-1
-inference and an onnxruntime calibration reader. Not part of the qcompile package."""
+inference, an onnxruntime calibration reader and onnxruntime's quantize_static as the peer. Not part
+of the qcompile package."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +52,18 @@ def image_reader(images: np.ndarray):
             return {"input": preprocess(images[self.index - 1:self.index])}
 
     return Reader()
+
+
+def ort_quantize(model_path: Path, out: Path, calib_images: np.ndarray, per_channel: bool,
+                 symmetric: bool) -> tuple[Path, float]:
+    """onnxruntime quantize_static, QDQ, MinMax calibration on calib_images: int8 symmetric weights;
+    activations int8 symmetric, or uint8 asymmetric (its default) when symmetric is False.
+    Returns the model's path and the seconds it took."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    start = time.perf_counter()
+    quantize_static(str(model_path), str(out), image_reader(calib_images), quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel, activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
+    return out, time.perf_counter() - start
