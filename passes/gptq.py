@@ -216,21 +216,55 @@ def _moment(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 class SecondMoment:
-    """Running E[x xᵀ] of a layer's input patches, per group: [G, K, K]."""
+    """Running E[x xᵀ] of a layer's input patches, per group: [G, K, K], and E[x]: [G, K]."""
 
     def __init__(self, node: Node):
         self.node = node
         self.total: np.ndarray | None = None
+        self.first: np.ndarray | None = None
         self.count = 0
 
     def observe(self, x: np.ndarray) -> None:
         for patches in _patches(self.node, x):
             moment = _moment(patches, patches)
+            first = patches.sum(axis=2, dtype=np.float64)
             self.total = moment if self.total is None else self.total + moment
+            self.first = first if self.first is None else self.first + first
             self.count += patches.shape[2]
 
     def value(self) -> np.ndarray | None:
         return None if not self.count else self.total / self.count
+
+    def mean(self) -> np.ndarray | None:
+        return None if not self.count else self.first / self.count
+
+
+def _bias_rows(node: Node, groups: int, rows: int) -> np.ndarray | None:
+    """The layer's constant bias per row of weight_matrix, [G, R], in the units of W·x (Gemm:
+    β/α·C); None when it has none (MatMul; a Gemm C that is not one value per output)."""
+    if node.op_type not in ("Conv", "Gemm"):
+        return None
+    bias = node.input(2)
+    if bias is None or not bias.is_const or bias.const.size != groups * rows:
+        return None
+    scale = 1.0
+    if node.op_type == "Gemm":
+        alpha = float(node.attr("alpha", 1.0))
+        scale = float(node.attr("beta", 1.0)) / alpha if alpha else 0.0
+    return scale * bias.const.astype(np.float64).reshape(groups, rows)
+
+
+def _output_energy(node: Node, matrix: np.ndarray, h: np.ndarray, mean: np.ndarray) -> float:
+    """E‖W x + b‖² summed over the rows: wᵀHw + 2·b·(w·E[x]) + b² per row.
+
+    The bias counts: a BatchNorm-folded layer's input mean largely cancels against its bias, so
+    E‖W x‖² overstates its output's energy (EfficientNet-Lite0 block 0 project conv, 4-bit: SQNR
+    29.0 dB against E‖W x‖², 18.6 dB against E‖W x + b‖²)."""
+    energy = np.sum(np.matmul(matrix, h) * matrix, axis=2)
+    bias = _bias_rows(node, *matrix.shape[:2])
+    if bias is not None:
+        energy = energy + 2.0 * bias * np.einsum("grk,gk->gr", matrix, mean) + bias * bias
+    return float(np.sum(energy))
 
 
 def _why_not(node: Node) -> str:
@@ -288,6 +322,7 @@ class GptqPass(Pass):
         gain = []
         for node in ctx.progress(layers, len(layers), "gptq"):
             count = moments[node.name].count
+            moments_mean = moments[node.name].mean()
             h = moments.pop(node.name).value()
             if node.inputs[1].meta.get("float_weight") is not None:  # a weight shared with an earlier layer
                 ctx.note("gptq", {"node": node.name, "op": node.op_type,
@@ -303,7 +338,7 @@ class GptqPass(Pass):
                     f"{count} input vectors from the calibration data cannot determine the second moment of "
                     f"its {inputs_per_group} inputs; only the clip search ran, weighted by each input's energy "
                     "(calibrate on more samples to include it)")})
-            figures = self._round(node, h, compensate=count >= inputs_per_group)
+            figures = self._round(node, h, moments_mean, compensate=count >= inputs_per_group)
             changed_codes += figures["codes_changed"]
             total_codes += figures["codes"]
             rounded += 1
@@ -313,10 +348,11 @@ class GptqPass(Pass):
             "layers": rounded, "codes_changed": changed_codes, "codes": total_codes,
             "median_output_error_ratio": float(np.median(gain)) if gain else None})
 
-    def _round(self, node: Node, h: np.ndarray, compensate: bool = True) -> dict:
+    def _round(self, node: Node, h: np.ndarray, mean: np.ndarray, compensate: bool = True) -> dict:
         """Choose the codes of one layer; returns the report's figures for it: codes changed from
         nearest rounding, output error relative to nearest rounding at the calibrated clip, and the
-        layer output's SQNR on the calibration data (E‖Wx‖² / E‖(W − Ŵ)x‖²).
+        layer output's SQNR on the calibration data (E‖Wx + b‖² / E‖(W − Ŵ)x‖², the float input
+        mean E[x] giving the bias term; the mean error is counted, before correct_bias removes it).
 
         Without compensation the codes are the nearest ones and only the clip search runs, with the
         errors weighted by diag(H) (each input's energy)."""
@@ -360,7 +396,7 @@ class GptqPass(Pass):
         nearest = dequantize(quantize(float_w, calibrated), calibrated)
         before, after = (float(np.sum(_row_errors(matrix, weight_matrix(node, w_hat.astype(np.float64))[0], measured_h)))
                          for w_hat in (nearest, chosen))
-        signal = float(np.sum(np.matmul(matrix, measured_h) * matrix))
+        signal = _output_energy(node, matrix, measured_h, mean)
         weight.const = chosen  # same name, dtype and shape; only the values move onto the grid
         weight.meta["float_weight"] = float_w
         return {"codes_changed": int(np.sum(codes != quantize(float_w, qp))), "codes": int(codes.size),

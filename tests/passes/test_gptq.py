@@ -103,12 +103,25 @@ W4 = Quantization(weights=WeightQuant(bits=4, granularity="per_channel"),
                   activations=ActivationQuant(bits=8))
 
 
-def _quantize(steps, tmp_path, scheme=W4):
+class _KeepWeights:
+    """Holds on to the weight values gptq chose codes for: insert_qdq replaces them in the graph
+    with DequantizeLinear of new code constants, but the Value objects keep const, meta and the
+    final qparams."""
+
+    def __init__(self):
+        self.weights = {}
+
+    def after_pass(self, index, pass_, graph, result):
+        if pass_.name == "gptq":
+            self.weights = {v.name: v for v in graph.values.values() if "float_weight" in v.meta}
+
+
+def _quantize(steps, tmp_path, scheme=W4, keep: _KeepWeights | None = None):
     graph = import_model(EXAMPLE / "digits_mobilenet.onnx")
     source = DataSource(str(EXAMPLE / "calib.npz"), tuple(model_inputs(graph)), None, 32)
     ctx = PassContext(scheme=scheme, calibration=source)
     passes = [PASSES.get(name)(PASSES.get(name).Options(**options)) for name, options in steps]
-    PassManager(passes).run(graph, ctx)
+    PassManager(passes, instruments=[keep] if keep else ()).run(graph, ctx)
     return graph, ctx
 
 
@@ -125,11 +138,14 @@ def _logits_sqnr(model: onnx.ModelProto) -> float:
 def digits_models(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gptq")
     head = [("annotate", {}), ("calibrate", {})]
-    graphs = {name: _quantize(head + middle + [("insert_qdq", {})], tmp) for name, middle in {
-        "nearest": [],
-        "gptq": [("gptq", {})],
-        "without clip search": [("gptq", {"clip_search": False})],
-    }.items()}
+    keep = _KeepWeights()
+    graphs = {name: _quantize(head + middle + [("insert_qdq", {})], tmp, keep=keep if name == "gptq" else None)
+              for name, middle in {
+                  "nearest": [],
+                  "gptq": [("gptq", {})],
+                  "without clip search": [("gptq", {"clip_search": False})],
+              }.items()}
+    graphs["gptq weights"] = keep.weights
     return graphs
 
 
@@ -140,18 +156,50 @@ def test_chosen_codes_are_the_exported_codes(digits_models):
     assert all(0 < n["output_error_ratio"] <= 1.0 and n["output_sqnr_db"] > 5 for n in changed), changed
     model = to_proto(graph)
     initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for value in graph.values.values():
-        if "float_weight" in value.meta:  # the float weight, and the codes insert_qdq wrote for it
-            codes = initializers[f"{value.name}_quantized"]
-            np.testing.assert_array_equal(codes, quantize(value.const, value.qparams))
-            assert codes.min() >= -8 and codes.max() <= 7
+    weights = digits_models["gptq weights"]
+    assert len(weights) == len(changed)
+    for value in weights.values():  # the values gptq chose, and the codes insert_qdq wrote for them
+        codes = initializers[f"{value.name}_quantized"]
+        np.testing.assert_array_equal(codes, quantize(value.const, value.qparams))
+        assert codes.min() >= -8 and codes.max() <= 7
 
 
 def test_gptq_beats_round_to_nearest_through_onnxruntime(digits_models):
-    sqnr = {name: _logits_sqnr(to_proto(graph)) for name, (graph, _) in digits_models.items()}
+    sqnr = {name: _logits_sqnr(to_proto(digits_models[name][0])) for name in ("nearest", "gptq", "without clip search")}
     # measured: nearest 13.9 dB, without clip search 18.4 dB, gptq 20.4 dB (W4A8, 200 test digits)
     assert sqnr["without clip search"] > sqnr["nearest"] + 3.0, sqnr
     assert sqnr["gptq"] > sqnr["without clip search"] + 0.5, sqnr
+
+
+def test_reported_output_sqnr_matches_onnxruntime(digits_models):
+    """The report's output SQNR of the first conv (it reads the graph input, so its input is exact)
+    against onnxruntime running the layer with its float and its chosen weights on the calibration
+    data: E‖y‖² / E‖y − ŷ‖² with y = W x + b, bias included."""
+    graph, ctx = digits_models["gptq"]
+    node = next(n for n in graph.nodes if n.op_type == "Conv")
+    assert node.inputs[0].name == f"{graph.inputs[0].name}_dequantized"  # the stem reads the model input
+    weight = digits_models["gptq weights"][node.input(1).producer.inputs[0].name.removesuffix("_quantized")]
+    bias_codes, bias_scale = (v.const for v in node.input(2).producer.inputs[:2])
+    bias = bias_codes.astype(np.float64) * bias_scale
+    reported = next(n["output_sqnr_db"] for n in ctx.notes["gptq"] if n.get("node") == node.name)
+    calib = np.load(EXAMPLE / "calib.npz")
+    x = calib[calib.files[0]].astype(np.float32)
+    attributes = {name: helper.get_attribute_value(a) for name, a in node.attributes.items()}
+
+    def conv(weight):
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))]
+        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+        layer = helper.make_node("Conv", ["x", "w", "b"], ["y"], **attributes)
+        constants = [numpy_helper.from_array(np.asarray(weight, np.float32), "w"),
+                     numpy_helper.from_array(bias.astype(np.float32), "b")]
+        model = helper.make_model(helper.make_graph([layer], "g", inputs, outputs, constants),
+                                  opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        return session(model).run(None, {"x": x})[0].astype(np.float64)
+
+    y, y_hat = conv(weight.meta["float_weight"]), conv(weight.const)
+    measured = 10 * np.log10(np.sum(y ** 2) / np.sum((y - y_hat) ** 2))
+    assert reported == pytest.approx(measured, abs=0.05)
 
 
 def test_correct_bias_measures_against_the_float_weight(tmp_path):
