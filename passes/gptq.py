@@ -61,10 +61,10 @@ image as the sample unit (it does reduce overfitting: on 100 held-out images the
 output SQNR rose from 19.97 to 20.53 dB, the classifier reached 20.22 dB against 19.51 dB rounded
 to nearest) gave 83.00% (KL to FP32 0.199 against 0.189). GPTQ on the covariance of x instead of
 E[x xᵀ], leaving the mean error to correct_bias: 80.00%. Clip ratios down to 0.5 instead of 0.7:
-83.25% (KL 0.201). The deep 1152-input project convs do
-overfit the calibration data (output SQNR 25.7-32.8 dB on it, 22.1-26.3 dB on held-out images);
-none of the above changed that, and damping 0.1 recovers only ~1 dB there while costing early
-layers.
+83.25% (KL 0.201). The deep 1152-input project convs do overfit the calibration data (output
+SQNR 25.7-32.8 dB on it, 22.1-26.3 dB on held-out images); none of the above changed that, and
+damping 0.1 recovers only ~1 dB there while costing early layers. (The SQNRs in this paragraph
+are against E‖W x‖², as the report gave them before it counted the bias.)
 """
 from __future__ import annotations
 
