@@ -3,6 +3,7 @@ inference, an onnxruntime calibration reader and onnxruntime's quantize_static a
 of the qcompile package."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -61,9 +62,15 @@ def ort_quantize(model_path: Path, out: Path, calib_images: np.ndarray, per_chan
     Returns the model's path and the seconds it took."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    start = time.perf_counter()
-    quantize_static(str(model_path), str(out), image_reader(calib_images), quant_format=QuantFormat.QDQ,
-                    per_channel=per_channel, activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                    extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
-    return out, time.perf_counter() - start
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_static warns through the root logger, e.g. once per BatchNormalization
+    try:
+        start = time.perf_counter()
+        quantize_static(str(model_path), str(out), image_reader(calib_images), quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel, activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
+        return out, time.perf_counter() - start
+    finally:
+        root.setLevel(level)
