@@ -227,7 +227,7 @@ class SecondMoment:
     def observe(self, x: np.ndarray) -> None:
         for patches in _patches(self.node, x):
             moment = _moment(patches, patches)
-            first = patches.sum(axis=2, dtype=np.float64)
+            first = patches.sum(axis=2).astype(np.float64)  # pairwise along the contiguous axis
             self.total = moment if self.total is None else self.total + moment
             self.first = first if self.first is None else self.first + first
             self.count += patches.shape[2]
