@@ -11,7 +11,8 @@ onnxruntime (CPU, its int8 kernels where it fuses them).
 Rows are cumulative: nothing, + fold_batchnorm, + equalize_cross_layer, + absorb_high_bias, then
 the refine passes other modules provide when they are registered (correct_bias, aciq_clip),
 and exclude_layers / hswish_shift rows when present; then per-channel weights for reference, and
-4-bit per-channel weights (W4A8) with fold only, with DFQ, and with gptq + bias correction;
+4-bit per-channel weights (W4A8) with fold only, with DFQ, and with gptq + bias correction
+(symmetric, then asymmetric as recipes/w4a8.yaml has them);
 last, the peer on the same images: onnxruntime quantize_static (QDQ, MinMax, its defaults of
 uint8 asymmetric activations and int8 symmetric weights) per tensor and per channel.
 For every row: the float model after the transform passes alone (top-1, agreement of its
@@ -38,7 +39,7 @@ MODEL = model("efficientnet_lite0_bn.onnx")
 RECIPE = """
 version: 1
 quantization:
-  weights: {{bits: {bits}, symmetric: true, granularity: {granularity}, calibrator: max}}
+  weights: {{bits: {bits}, symmetric: {symmetric}, granularity: {granularity}, calibrator: max}}
   activations: {{bits: 8, symmetric: true, signed: true, calibrator: max}}
 calibration: {{batch_size: 1}}
 preprocessing: {{mean: [127.0], std: [128.0], layout: NCHW}}
@@ -56,11 +57,12 @@ def mean_kl(reference: np.ndarray, other: np.ndarray) -> float:
 
 
 def compile_with(work: Path, tag: str, steps: list, granularity: str,
-                 calib_npz: Path | None, bits: int = 8) -> tuple[Path, dict, float]:
+                 calib_npz: Path | None, bits: int = 8, symmetric: bool = True) -> tuple[Path, dict, float]:
     from qcompile.compiler import compile_model
 
     recipe = work / f"{tag}.yaml"
-    recipe.write_text(RECIPE.format(bits=bits, granularity=granularity, passes=json.dumps(steps)))
+    recipe.write_text(RECIPE.format(bits=bits, symmetric=str(symmetric).lower(), granularity=granularity,
+                                    passes=json.dumps(steps)))
     out = work / f"{tag}.onnx"
     start = time.perf_counter()
     report = compile_model(MODEL, recipe, out, calib=calib_npz)
@@ -74,9 +76,9 @@ def pass_stats(report: dict, name: str) -> dict:
     return {}
 
 
-def rows_to_run(registered: set[str], variants: bool) -> list[tuple[str, list, str, int]]:
-    """(label, transform + refine steps, weight granularity, weight bits); quantization steps are added
-    around them."""
+def rows_to_run(registered: set[str], variants: bool) -> list[tuple[str, list, str, int, bool]]:
+    """(label, transform + refine steps, weight granularity, weight bits, symmetric weights);
+    quantization steps are added around them."""
     fold, cle, hba = "fold_batchnorm", "equalize_cross_layer", "absorb_high_bias"
     dfq = [fold, cle, hba]
     rows = [("nothing", [], "per_tensor"),
@@ -114,13 +116,14 @@ def rows_to_run(registered: set[str], variants: bool) -> list[tuple[str, list, s
     if "gptq" in registered:
         rows.append(("W4A8 + fold + gptq" + (" + correct_bias" if refine else ""), [fold, "gptq"] + refine,
                      "per_channel", 4))
+        rows.append(("W4A8 asymmetric weights, same passes", [fold, "gptq"] + refine, "per_channel", 4, False))
         if variants:
             rows += [("  gptq without clip search", [fold, {"gptq": {"clip_search": False}}] + refine,
                       "per_channel", 4),
                      ("  gptq after CLE", [fold, cle, "gptq"] + refine, "per_channel", 4),
                      ("  gptq without correct_bias", [fold, "gptq"], "per_channel", 4),
                      ("per-channel W8A8 + fold + gptq", [fold, "gptq"] + refine, "per_channel", 8)]
-    return rows
+    return [row if len(row) == 5 else (*row, True) for row in rows]
 
 
 def by_phase(steps: list) -> dict:
@@ -159,7 +162,7 @@ def main() -> int:
         reference = logits(MODEL, eval_images)
         ref_pred = reference.argmax(1)
         float_cache: dict[str, tuple[float, float]] = {}
-        for index, (label, steps, granularity, bits) in enumerate(rows_to_run(registered, args.variants)):
+        for index, (label, steps, granularity, bits, symmetric) in enumerate(rows_to_run(registered, args.variants)):
             phases = by_phase(steps)
             transform, annotate, refine = (phases.get(p, []) for p in ("TRANSFORM", "ANNOTATE", "REFINE"))
             key = json.dumps(transform)
@@ -171,11 +174,12 @@ def main() -> int:
                     pred = ref_pred
                 float_cache[key] = (float(np.mean(pred == eval_labels)), float(np.mean(pred == ref_pred)))
             path, report, seconds = compile_with(work, f"q{index}", transform + annotate + QUANTIZE[:2] + refine
-                                                 + QUANTIZE[2:], granularity, calib_npz, bits)
+                                                 + QUANTIZE[2:], granularity, calib_npz, bits, symmetric)
             out = logits(path, eval_images)
             pred = out.argmax(1)
             stats = {s: pass_stats(report, s) for s in ("equalize_cross_layer", "absorb_high_bias")}
-            results.append({"row": label, "granularity": granularity, "weight_bits": bits, "steps": steps,
+            results.append({"row": label, "granularity": granularity, "weight_bits": bits,
+                            "weight_symmetric": symmetric, "steps": steps,
                             "float_top1": float_cache[key][0], "float_agreement": float_cache[key][1],
                             "top1": float(np.mean(pred == eval_labels)), "agreement": float(np.mean(pred == ref_pred)),
                             "kl": mean_kl(reference, out), "seconds": seconds,
@@ -196,7 +200,7 @@ def main() -> int:
             print(f"  done: {label}", file=sys.stderr)
 
     print(f"EfficientNet-Lite0 (BN kept), calibration {args.calib} images, evaluation {args.eval} images "
-          f"(imagenet_sample_dev.npz); symmetric weights (8-bit unless W4A8) and 8-bit activations, max "
+          f"(imagenet_sample_dev.npz); symmetric weights unless said (8-bit unless W4A8) and 8-bit activations, max "
           f"calibration, QDQ in onnxruntime")
     print(f"{'row':<40}{'weights':<13}{'float top-1':>12}{'float agr':>10}{'quant top-1':>12}{'agree':>8}"
           f"{'KL':>8}{'build s':>9}")

@@ -235,7 +235,8 @@ def test_per_tensor_and_asymmetric_weights(weights, tmp_path):
 
 def test_shipped_w4a8_recipe_on_the_example(tmp_path):
     """The shipped recipe end to end: the logits of the onnxruntime-run W4A8 model against the float
-    model (measured: 20.2 dB with gptq, 14.2 dB with the same recipe without it)."""
+    model (measured: 22.6 dB; 15.4 dB with the same recipe without gptq; 20.2 dB with symmetric
+    4-bit weights)."""
     from conftest import RECIPES
     from qcompile.compiler import compile_model
 
@@ -243,7 +244,7 @@ def test_shipped_w4a8_recipe_on_the_example(tmp_path):
                            calib=EXAMPLE / "calib.npz", eval_data=EXAMPLE / "test.npz")
     assert any(note.get("codes_changed") for note in report["notes"]["gptq"])
     (logits,) = report["evaluation"]["outputs"]
-    assert logits["sqnr_db"] > 17.0, logits
+    assert logits["sqnr_db"] > 19.0, logits
 
 
 @pytest.mark.parametrize("op", ["MatMul", "Gemm"])
