@@ -12,11 +12,11 @@ outliers the next layers need, and clipping them at k(8)·b cost 22 points of to
 mix mode (papers.md §2.1): per tensor, the Laplace window, the Gaussian window and the calibrated
 range are each scored by the quantization MSE they give the tensor's own histogram (clipping +
 rounding; calibrators/aciq.py's quantization_error, as the aciq calibrator's own mix does), and
-the lowest wins, ties going to the calibrated range; the report notes which. On the same model and images mix clips 29 of 60 tensors (28 with
-the Laplace window, 1 with the Gaussian) and gives 88.25% / 97.50% agreement, KL to FP32 0.0125
-against 0.0129 without aciq_clip (88.50%; one image). ``laplace`` / ``gaussian`` apply that
-prior everywhere. The window is placed exactly as the ``aciq``
-calibrator places it (calibrators/aciq.py): two-sided [−(|μ| + α), |μ| + α] for symmetric
+the lowest wins, ties going to the calibrated range; the report notes which. On the same model
+and images mix clips 29 of 60 tensors (28 with the Laplace window, 1 with the Gaussian) and
+gives 88.25% / 97.50% agreement, KL to FP32 0.0125 against 0.0129 without aciq_clip (88.50%;
+one image). ``laplace`` / ``gaussian`` apply that prior everywhere. The window is placed
+exactly as the ``aciq`` calibrator places it (calibrators/aciq.py): two-sided [−(|μ| + α), |μ| + α] for symmetric
 signed codes, [lo, lo + 2α] with lo = max(min, μ − α) for affine codes, and for unsigned or
 non-negative tensors the one-sided [0, max(μ, 0) + α] with the next bit up, α = k(M + 1)·b.
 
@@ -51,7 +51,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from qcompile.calibration import Range
-from qcompile.calibrators.aciq import AciqCalibrator, AciqOptions, least_error
+from qcompile.calibrators.aciq import AciqCalibrator, least_error
 from qcompile.collect import collect_statistics
 from qcompile.exporter import to_proto
 from qcompile.histogram import HistogramCalibrator, range_for_spec
@@ -73,14 +73,14 @@ class AciqClipOptions(BaseModel):
     outputs: bool = False  # also clip the graph's outputs
 
 
-def _aciq_spec(spec: QuantSpec, prior: str) -> QuantSpec:
-    return dataclasses.replace(spec, calibrator="aciq", calibrator_options={"prior": prior})
+def _aciq_spec(spec: QuantSpec) -> QuantSpec:
+    """spec with the aciq calibrator, whose histogram + moments serve every prior."""
+    return dataclasses.replace(spec, calibrator="aciq", calibrator_options={})
 
 
 def _window(statistics: HistogramCalibrator, spec: QuantSpec, prior: str) -> Range:
     """ACIQ's window for one per-tensor row of statistics, shaped to the spec."""
-    decider = AciqCalibrator(_aciq_spec(spec, prior), AciqOptions(prior=prior))
-    chosen = decider.window(statistics.histogram(0), statistics.statistics.moments(0), prior)
+    chosen = AciqCalibrator(_aciq_spec(spec)).window(statistics.histogram(0), statistics.statistics.moments(0), prior)
     return range_for_spec(chosen.lo, chosen.hi, spec)
 
 
@@ -103,12 +103,11 @@ def _has_statistics(value: Value) -> bool:
 
 
 def _collect(graph: Graph, values: list[Value], ctx: PassContext, pass_name: str) -> dict:
-    """Histogram + moments of `values` from one extra float run over the calibration data (the
-    statistics serve every prior; the aciq calibrator that keeps them is made with the Laplace one)."""
+    """Histogram + moments of `values` from one extra float run over the calibration data."""
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     values = sorted(values, key=lambda v: order.get(id(v.producer), -1))
     # Stand-in values carry the name, shape and an aciq spec to the collector; never added to the graph.
-    carriers = [Value(v.name, dtype=v.dtype, shape=v.shape, quant=_aciq_spec(v.qparams.spec, "laplace")) for v in values]
+    carriers = [Value(v.name, dtype=v.dtype, shape=v.shape, quant=_aciq_spec(v.qparams.spec)) for v in values]
     observed, _ = collect_statistics(to_proto(graph), carriers, ctx.require_calibration(pass_name), jobs=ctx.jobs,
                                      budget_bytes=ctx.memory_budget_mb << 20, progress=ctx.progress,
                                      batch_count=ctx.calibration_batches)
@@ -116,7 +115,7 @@ def _collect(graph: Graph, values: list[Value], ctx: PassContext, pass_name: str
 
 
 def _weight_statistics(value: Value) -> HistogramCalibrator:
-    calibrator = AciqCalibrator(_aciq_spec(value.qparams.spec, "laplace"), AciqOptions(prior="laplace"))
+    calibrator = AciqCalibrator(_aciq_spec(value.qparams.spec))
     calibrator.observe(value.const)
     return calibrator
 

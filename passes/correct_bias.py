@@ -109,8 +109,8 @@ def clipped_normal_mean(beta, gamma, lo=-np.inf, hi=np.inf) -> np.ndarray:
     cdf_a, cdf_u = _normal_cdf(a), _normal_cdf(u)  # Φ(−∞) = 0, Φ(∞) = 1
     pdf_a, pdf_u = _normal_pdf(a), _normal_pdf(u)  # φ(±∞) = 0
     mean = beta * (cdf_u - cdf_a) + sigma * (pdf_a - pdf_u)
-    mean += np.where(np.isfinite(lo), np.where(np.isfinite(lo), lo, 0.0) * cdf_a, 0.0)
-    mean += np.where(np.isfinite(hi), np.where(np.isfinite(hi), hi, 0.0) * (1.0 - cdf_u), 0.0)
+    mean += np.where(np.isfinite(lo), lo, 0.0) * cdf_a  # an infinite bound adds nothing (and no inf·0)
+    mean += np.where(np.isfinite(hi), hi, 0.0) * (1.0 - cdf_u)
     return np.where(sigma > 0, mean, np.clip(beta, lo, hi))
 
 

@@ -18,8 +18,7 @@ so one factorisation serves all columns (Algorithm 1). H is dampened by
 `damping`·mean(diag H) on its diagonal (Algorithm 1's λ, 1% by default). With `act_order`
 (default) columns go in order of decreasing H_jj, the "act-order" heuristic of the GPTQ
 reference code, which matters at 3-4 bits (EfficientNet-Lite0 W4A8: 84.75% top-1 with it, 82.50%
-without). An input that is always zero (H_jj = 0) is rounded
-to nearest and compensates nothing.
+without). An input that is always zero (H_jj = 0) is rounded to nearest and compensates nothing.
 
 Clip search (`clip_search`, default on): each channel's calibrated range (the whole tensor's,
 per tensor) is also tried shrunk to 0.95, 0.9, ... 0.7 of itself; GPTQ runs for every ratio and
@@ -45,7 +44,8 @@ one K×K matrix per group (a depthwise layer gets one kernel-sized matrix per ch
 MatMul inputs as rows. Every layer's float64 K×K moments are held until its codes are chosen:
 compiling EfficientNet-Lite0 with the w4a8 recipe (100 images, batch 1) peaks at 0.88 GB resident
 against 0.37 GB without gptq (/usr/bin/time, 69 s against 16 s). Layers: quantized Conv (any
-group, 1-3 spatial dims), Gemm and MatMul with a constant 2-D weight; others (ConvTranspose, weights already lowered) are skipped and noted.
+group, 1-3 spatial dims), Gemm and MatMul with a constant 2-D weight; others (ConvTranspose,
+weights already lowered) are skipped and noted.
 
 Tried and not offered (EfficientNet-Lite0 W4A8, 100 calibration / 400 evaluation images):
 H from the partially quantized model's inputs instead of the float model's (sequential GPTQ,
