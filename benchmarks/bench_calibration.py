@@ -304,7 +304,7 @@ def main() -> int:
     status_text = {"oom": f"OOM (>{cap} GiB cap)", "killed": "killed (SIGKILL; system OOM?)",
                    "timeout": f"timeout (>{args.timeout:g} s)"}
     n_eval = EVAL_STOP - EVAL_START
-    print(f"EfficientNet-Lite0 fused (batch 1), imagenet_sample_dev.npz; x = (u8 - 127) / 128, NCHW; QDQ int8")
+    print("EfficientNet-Lite0 fused (batch 1), imagenet_sample_dev.npz; x = (u8 - 127) / 128, NCHW; QDQ int8")
     print(f"calibration: images[:N] for N in {args.sizes}; evaluation: images[{EVAL_START}:{EVAL_STOP}] "
           f"({n_eval} images) for every row.")
     if any(s > EVAL_START for s in args.sizes):

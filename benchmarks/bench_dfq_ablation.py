@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qcompile.metrics import mean_kl
+
 from common import DEV_DATA, logits, model, ort_quantize
 
 MODEL = model("efficientnet_lite0_bn.onnx")
@@ -46,14 +48,6 @@ preprocessing: {{mean: [127.0], std: [128.0], layout: NCHW}}
 passes: {passes}
 """
 QUANTIZE = ["annotate", "calibrate", "insert_qdq"]
-
-
-def mean_kl(reference: np.ndarray, other: np.ndarray) -> float:
-    def log_softmax(z):
-        z = z.astype(np.float64) - z.max(axis=1, keepdims=True)
-        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    p, q = log_softmax(reference), log_softmax(other)
-    return float(np.mean(np.sum(np.exp(p) * (p - q), axis=1)))
 
 
 def compile_with(work: Path, tag: str, steps: list, granularity: str,

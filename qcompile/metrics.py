@@ -31,7 +31,7 @@ import numpy as np
 from .errors import DataError
 from .registry import METRICS, register_metric
 
-__all__ = ["DEFAULT_METRICS", "Metric", "MetricValue", "Reference", "compute_metrics", "metric",
+__all__ = ["DEFAULT_METRICS", "Metric", "MetricValue", "Reference", "mean_kl", "compute_metrics", "metric",
            "resolve_metrics"]
 
 # Computed when neither the recipe nor --metrics names any (each only where it applies).
@@ -191,6 +191,12 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.sum(np.exp(x), axis=1, keepdims=True))
 
 
+def mean_kl(reference: np.ndarray, test: np.ndarray) -> float:
+    """Mean over rows of KL(softmax(reference) ‖ softmax(test)), in nats ([N, classes] logits)."""
+    log_p, log_q = _log_softmax(reference), _log_softmax(test)
+    return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1)))
+
+
 @register_metric("kl")
 class KL(_Classification):
     """Mean KL(softmax(float) ‖ softmax(quantized)) over samples, in nats; lower is better."""
@@ -201,9 +207,7 @@ class KL(_Classification):
     description = "KL divergence from the float model's softmax"
 
     def compute(self, outputs, ref):
-        log_p = _log_softmax(_classification(ref.outputs, self.name))
-        log_q = _log_softmax(_classification(outputs, self.name))
-        return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1)))
+        return mean_kl(_classification(ref.outputs, self.name), _classification(outputs, self.name))
 
 
 def metric(name: str) -> Metric:

@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import onnx
-import pytest
 from onnx import numpy_helper
 
 from conftest import EXAMPLE, RECIPES, write_recipe
