@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from .data import Dataset
-from .metrics import MetricValue, Reference, compute_metrics, cosine_similarity, sqnr_db
+from .metrics import MetricValue, Reference, compute_metrics, cosine_similarity, sqnr_db, topk_accuracy
 from .runtime import session
 
 __all__ = ["Comparison", "SubsetDataset", "compare", "evaluate", "run_outputs", "session", "sqnr_db", "subset"]
@@ -54,12 +54,6 @@ def subset(dataset: Dataset, samples: int) -> Dataset:
     if samples >= len(dataset):
         return dataset
     return SubsetDataset(dataset, subset_indices(len(dataset), samples))
-
-
-def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-    k = min(k, logits.shape[1])
-    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-    return float(np.mean(np.any(top == labels[:, None], axis=1)))
 
 
 @dataclass
