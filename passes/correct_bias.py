@@ -60,7 +60,7 @@ from qcompile.calibration import make_calibrator
 from qcompile.collect import observe_float_values
 from qcompile.ir import Graph, Node, Value
 from qcompile.numerics import bias_qparams, fake_quantize, qparams_from_range
-from qcompile.op_rules import calibrated_weight_problem
+from qcompile.op_rules import calibrated_weight_problem, clamp_bounds
 from qcompile.pipeline import Pass, PassContext, PassResult, Phase
 from qcompile.qtypes import QParams
 from qcompile.registry import register_pass
@@ -124,21 +124,6 @@ def _keeps_channels(node: Node) -> bool:
     return src[1] == dst[1] and math.prod(src[2:]) == 1 and math.prod(dst[2:]) == 1
 
 
-def _clip_bounds(node: Node) -> tuple[float, float] | None:
-    if node.op_type == "Relu":
-        return 0.0, np.inf
-    bounds = []
-    for index, attr, default in ((1, "min", -np.inf), (2, "max", np.inf)):
-        value = node.input(index)
-        if value is None:
-            bounds.append(float(node.attr(attr, default)))
-        elif value.is_const and value.const.size == 1:
-            bounds.append(float(value.const.reshape(-1)[0]))
-        else:
-            return None
-    return bounds[0], bounds[1]
-
-
 def analytic_input_mean(x: Value) -> tuple[np.ndarray | None, str]:
     """E[x] per channel from the BatchNorm statistics behind x, or (None, why not)."""
     value = x
@@ -153,7 +138,7 @@ def analytic_input_mean(x: Value) -> tuple[np.ndarray | None, str]:
         value = next(v for v in producer.inputs if not v.is_const)
         producer = value.producer
     if producer is not None and producer.op_type in ("Relu", "Clip"):
-        bounds = _clip_bounds(producer)
+        bounds = clamp_bounds(producer)
         if bounds is None:
             return None, f"{producer.describe()} has non-constant bounds"
         lo, hi = bounds[0], np.minimum(bounds[1], hi)

@@ -48,6 +48,7 @@ from onnx import TensorProto
 from pydantic import BaseModel, ConfigDict, Field
 
 from qcompile.ir import Graph, Node, Value
+from qcompile.op_rules import clamp_bounds
 from qcompile.pipeline import Pass, PassContext, PassResult, Phase
 from qcompile.registry import register_pass
 
@@ -95,21 +96,14 @@ def _operands(node: Node) -> list[tuple[Value, Value]]:
     return [(a, b), (b, a)] if a is not None and b is not None else []
 
 
-def _clip_bounds(clip: Node) -> tuple[float | None, float | None]:
-    low, high = clip.input(1), clip.input(2)
-    lo = _scalar(low) if low is not None else clip.attr("min")
-    hi = _scalar(high) if high is not None else clip.attr("max")
-    return lo, hi
-
-
 def _relu6_of_x_plus_3(gate: Value | None, x: Value) -> tuple[Node, ...]:
     """(Add, Clip) when gate == Clip(Add(x, 3), 0, 6), the Add in either operand order; else ()."""
     clip = _producer(gate, "Clip")
     if clip is None:
         return ()
-    lo, hi = _clip_bounds(clip)
-    if lo is None or hi is None or not math.isclose(lo, 0.0, abs_tol=1e-12) \
-            or not math.isclose(hi, 6.0, rel_tol=_RTOL):
+    bounds = clamp_bounds(clip)
+    if bounds is None or not math.isclose(bounds[0], 0.0, abs_tol=1e-12) \
+            or not math.isclose(bounds[1], 6.0, rel_tol=_RTOL):
         return ()
     add = _producer(clip.input(0), "Add")
     if add is None or not any(a is x and _is_const(c, 3.0) for a, c in _operands(add)):

@@ -22,7 +22,7 @@ import onnx
 
 from qcompile.ir import Graph, Node, Value
 from qcompile.numerics import bias_qparams, quantize, quantize_bias
-from qcompile.op_rules import rule_for
+from qcompile.op_rules import clamp_bounds, rule_for
 from qcompile.pipeline import Pass, PassContext, PassResult, Phase
 from qcompile.qtypes import QParams
 from qcompile.registry import register_pass
@@ -41,19 +41,12 @@ def _axis_attr(qp: QParams) -> dict:
     return {"axis": int(qp.axis)} if qp.axis is not None else {}
 
 
-def _clip_bounds(node: Node) -> tuple[float, float]:
-    if node.op_type == "Relu":
-        return 0.0, float("inf")
-    low, high = node.input(1), node.input(2)
-    lo = float(low.const) if low is not None else node.attr("min", float("-inf"))
-    hi = float(high.const) if high is not None else node.attr("max", float("inf"))
-    return lo, hi
-
-
 def _clamp_is_redundant(node: Node, qp: QParams) -> bool:
     """True when quantizing with qp already saturates exactly where the Relu/Clip clamps."""
-    lo, hi = _clip_bounds(node)
-    bounds = np.clip(np.array([lo, hi], dtype=np.float64), -3e38, 3e38).astype(np.float32)
+    bounds = clamp_bounds(node)
+    if bounds is None:
+        return False
+    bounds = np.clip(np.array(bounds, dtype=np.float64), -3e38, 3e38).astype(np.float32)
     with np.errstate(over="ignore"):
         codes = quantize(bounds, qp).astype(np.int64)
     return int(codes[0]) == qp.spec.qmin and int(codes[1]) == qp.spec.qmax

@@ -8,6 +8,7 @@ Ops without a rule stay float and are listed in the report.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -74,6 +75,26 @@ def _clip_nonneg(node: Node, flags: list[bool]) -> bool:
 
 
 _always = lambda node, flags: True  # noqa: E731
+
+
+def clamp_bounds(node: Node) -> tuple[float, float] | None:
+    """(lo, hi) that a Relu or Clip clamps to, ±inf for a bound it does not set (an absent Clip input,
+    or no min / max attribute before opset 11); None when a bound is not a one-value constant or
+    the node is neither op."""
+    if node.op_type == "Relu":
+        return 0.0, math.inf
+    if node.op_type != "Clip":
+        return None
+    bounds = []
+    for index, attr, default in ((1, "min", -math.inf), (2, "max", math.inf)):
+        value = node.input(index)
+        if value is None:
+            bounds.append(float(node.attr(attr, default)))
+        elif value.is_const and value.const.size == 1:
+            bounds.append(float(value.const.reshape(-1)[0]))
+        else:
+            return None
+    return bounds[0], bounds[1]
 
 
 def _clip_refuse(node: Node) -> str:
