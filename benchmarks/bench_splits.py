@@ -78,15 +78,15 @@ def main() -> int:
             calib_npz = work / "calib.npz"
             np.savez(calib_npz, images=images[calib])
             ref = reference[evaluation]
-            runs = [(name, lambda r=recipe: compile_model(MODEL, r, work / "q.onnx", calib=calib_npz))
-                    for name, recipe in recipes.items()]
-            runs.append((PEER, lambda: ort_quantize(MODEL, work / "ort.onnx", images[calib], per_channel=True,
-                                                    symmetric=False)))
-            for name, build in runs:
+            for name in [*recipes, PEER]:
                 start = time.perf_counter()
-                build()
+                if name == PEER:
+                    path = ort_quantize(MODEL, work / "q.onnx", images[calib], per_channel=True, symmetric=False)[0]
+                else:
+                    path = work / "q.onnx"
+                    compile_model(MODEL, recipes[name], path, calib=calib_npz)
                 seconds = time.perf_counter() - start
-                out = logits(work / ("ort.onnx" if name == PEER else "q.onnx"), images[evaluation])
+                out = logits(path, images[evaluation])
                 rows.append({"recipe": name, "split": split, "calib": [int(calib[0]), int(calib[-1]) + 1],
                              "float_top1": float(np.mean(ref.argmax(1) == labels[evaluation])),
                              "top1": float(np.mean(out.argmax(1) == labels[evaluation])),
