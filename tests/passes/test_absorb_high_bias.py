@@ -9,12 +9,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))  # tests/: conftest h
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
-from conftest import EXAMPLE, SHARED, ort_run
-from qcompile.exporter import to_proto, write_model
-from qcompile.importer import import_model
-from qcompile.pipeline import PassContext, PassManager
+from conftest import EXAMPLE, SHARED, max_rel_err, ort_run, run_passes, save_graph
 from qcompile.registry import PASSES, load_builtins_and_entry_points
 
 load_builtins_and_entry_points()
@@ -27,31 +24,6 @@ ZERO, SIX = np.array(0.0, np.float32), np.array(6.0, np.float32)
 def _hba(**options):
     cls = PASSES.get("absorb_high_bias")
     return cls(cls.Options(**options))
-
-
-def _run(path, tmp_path, passes, name="out.onnx"):
-    graph = import_model(path)
-    ctx = PassContext()
-    manager = PassManager(passes)
-    manager.run(graph, ctx)
-    return graph, write_model(to_proto(graph), tmp_path / name), manager.records, ctx
-
-
-def _max_rel_err(reference, got):
-    return float(np.abs(got - reference).max() / max(float(np.abs(reference).max()), 1e-30))
-
-
-def _save(tmp_path, nodes, inits, x_shape, y_shape, name="m.onnx"):
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(y_shape))],
-                              [numpy_helper.from_array(np.asarray(a, np.float32) if np.asarray(a).dtype.kind == "f"
-                                                       else np.asarray(a), n) for n, a in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path = tmp_path / name
-    onnx.save(model, str(path))
-    return path
 
 
 def _node(graph, name):
@@ -73,7 +45,7 @@ def _bn_pair(tmp_path, w2, pads2=(0, 0, 0, 0), activation="clip"):
              "w2": w2, "b2": np.array([0.1, -0.3]), "zero": ZERO, "six": SIX}
     k = w2.shape[-1]
     out_hw = 4 - k + 1 + pads2[0] + pads2[2]
-    path = _save(tmp_path, nodes, inits, (1, 2, 4, 4), (1, 2, out_hw, out_hw))
+    path = save_graph(tmp_path, nodes, inits, (1, 2, 4, 4), (1, 2, out_hw, out_hw))
     w1f, b1f = w1 * gamma[:, None, None, None], gamma * b1 + beta  # BN folded by hand
     return path, w1f, b1f, inits
 
@@ -83,7 +55,7 @@ def _bn_pair(tmp_path, w2, pads2=(0, 0, 0, 0), activation="clip"):
 def test_hand_worked_batchnorm_shift(tmp_path, activation):
     w2 = np.arange(2 * 3 * 2 * 2, dtype=np.float64).reshape(2, 3, 2, 2) / 10 - 0.5  # 2x2 kernel, no padding
     path, w1f, b1f, p = _bn_pair(tmp_path, w2, activation=activation)
-    graph, out, records, _ = _run(path, tmp_path, [PASSES.get("fold_batchnorm")(), _hba(lower_bound="batchnorm")])
+    graph, out, records, _ = run_passes(path, tmp_path, [PASSES.get("fold_batchnorm")(), _hba(lower_bound="batchnorm")])
     gamma, beta = p["gamma"], p["beta"]
     c = np.maximum(0.0, beta - 3 * np.abs(gamma))  # DFQ §4.2: [1, 0, 1.25]
     w2_sum = w2.sum(axis=(2, 3))  # [out, in]: Σ over kernel taps
@@ -99,7 +71,7 @@ def test_hand_worked_batchnorm_shift(tmp_path, activation):
     assert records[1].stats["absorbed_links"] == 1 and records[1].stats["absorbed_channels"] == 2
     # exact wherever every pre-activation of a moved channel is >= c: inputs near 0 give x ≈ BN beta
     x = np.random.default_rng(0).uniform(-0.1, 0.1, (1, 2, 4, 4)).astype(np.float32)
-    assert _max_rel_err(ort_run(path, {"x": x})[0], ort_run(out, {"x": x})[0]) <= 1e-5
+    assert max_rel_err(ort_run(path, {"x": x})[0], ort_run(out, {"x": x})[0]) <= 1e-5
 
 
 def test_hand_worked_interval_bound_is_exact_for_any_input(tmp_path):
@@ -112,8 +84,8 @@ def test_hand_worked_interval_bound_is_exact_for_any_input(tmp_path):
              helper.make_node("Relu", ["a"], ["r"]),
              helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="c2")]
     inits = {"w1": w1, "b1": b1, "w2": w2, "b2": np.array([0.0, 1.0]), "zero": ZERO, "six": SIX}
-    path = _save(tmp_path, nodes, inits, (1, 2, 3, 3), (1, 2, 3, 3))
-    graph, out, records, _ = _run(path, tmp_path, [_hba()])
+    path = save_graph(tmp_path, nodes, inits, (1, 2, 3, 3), (1, 2, 3, 3))
+    graph, out, records, _ = run_passes(path, tmp_path, [_hba()])
     lower = b1 + (np.minimum(w1, 0) * 6).reshape(3, -1).sum(1)  # [1.5, -5, 0.5]
     c = np.maximum(lower, 0.0)
     np.testing.assert_allclose(_node(graph, "c1").inputs[2].const, b1 - c, rtol=1e-6)
@@ -122,7 +94,7 @@ def test_hand_worked_interval_bound_is_exact_for_any_input(tmp_path):
     for x in (rng.uniform(-2, 8, (1, 2, 3, 3)), np.zeros((1, 2, 3, 3)), np.full((1, 2, 3, 3), 6.0),
               np.stack([np.zeros((3, 3)), np.full((3, 3), 6.0)])[None]):  # the extreme corner
         x = x.astype(np.float32)
-        assert _max_rel_err(ort_run(path, {"x": x})[0], ort_run(out, {"x": x})[0]) <= 1e-5
+        assert max_rel_err(ort_run(path, {"x": x})[0], ort_run(out, {"x": x})[0]) <= 1e-5
 
 
 def test_dead_channel_constant_is_absorbed(tmp_path):
@@ -132,12 +104,12 @@ def test_dead_channel_constant_is_absorbed(tmp_path):
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="c1"),
              helper.make_node("Relu", ["a"], ["r"]),
              helper.make_node("Conv", ["r", "w2"], ["y"], name="c2")]
-    path = _save(tmp_path, nodes, {"w1": w1, "b1": b1, "w2": w2}, (1, 1, 2, 2), (1, 1, 2, 2))
-    graph, out, _, _ = _run(path, tmp_path, [_hba()])
+    path = save_graph(tmp_path, nodes, {"w1": w1, "b1": b1, "w2": w2}, (1, 1, 2, 2), (1, 1, 2, 2))
+    graph, out, _, _ = run_passes(path, tmp_path, [_hba()])
     np.testing.assert_allclose(_node(graph, "c1").inputs[2].const, [-0.5, 0.0], atol=1e-7)
     np.testing.assert_allclose(_node(graph, "c2").inputs[2].const, [4.0 * 2.5], rtol=1e-6)
     x = np.random.default_rng(0).standard_normal((1, 1, 2, 2)).astype(np.float32)
-    assert _max_rel_err(ort_run(path, {"x": x})[0], ort_run(out, {"x": x})[0]) <= 1e-6
+    assert max_rel_err(ort_run(path, {"x": x})[0], ort_run(out, {"x": x})[0]) <= 1e-6
 
 
 def test_identity_link_moves_the_whole_mean(tmp_path):
@@ -147,12 +119,12 @@ def test_identity_link_moves_the_whole_mean(tmp_path):
              helper.make_node("Conv", ["n", "w2", "b2"], ["y"], name="c2")]
     inits = {"w1": w1, "b1": np.zeros(2), "g": np.ones(2), "beta": np.array([3.0, -2.0]), "m": np.zeros(2),
              "v": np.ones(2), "w2": w2, "b2": np.array([1.0])}
-    path = _save(tmp_path, nodes, inits, (1, 1, 2, 2), (1, 1, 2, 2))
-    graph, out, _, _ = _run(path, tmp_path, [PASSES.get("fold_batchnorm")(), _hba()])
+    path = save_graph(tmp_path, nodes, inits, (1, 1, 2, 2), (1, 1, 2, 2))
+    graph, out, _, _ = run_passes(path, tmp_path, [PASSES.get("fold_batchnorm")(), _hba()])
     np.testing.assert_allclose(_node(graph, "c1").inputs[2].const, [0.0, 0.0], atol=1e-7)
     np.testing.assert_allclose(_node(graph, "c2").inputs[2].const, [1.0 + 0.5 * 3.0 - 1.0 * -2.0], rtol=1e-6)
     x = np.random.default_rng(0).standard_normal((1, 1, 2, 2)).astype(np.float32) * 10
-    assert _max_rel_err(ort_run(path, {"x": x})[0], ort_run(out, {"x": x})[0]) <= 1e-5
+    assert max_rel_err(ort_run(path, {"x": x})[0], ort_run(out, {"x": x})[0]) <= 1e-5
 
 
 # ---- zero padding -------------------------------------------------------------------------------
@@ -163,18 +135,18 @@ def test_padding_modes(tmp_path):
     expected = ort_run(path, {"x": x})[0]
     fold = PASSES.get("fold_batchnorm")
 
-    graph, out, records, ctx = _run(path, tmp_path, [fold(), _hba(lower_bound="batchnorm")], "exact.onnx")
+    graph, out, records, ctx = run_passes(path, tmp_path, [fold(), _hba(lower_bound="batchnorm")], "exact.onnx")
     assert records[1].stats["absorbed_links"] == 0 and records[1].stats["skipped_padded"] == 1
     assert "zero padding" in ctx.notes["not_absorbed"][0]["reason"]
     np.testing.assert_allclose(_node(graph, "c1").inputs[2].const, b1f, rtol=1e-6)
 
-    graph, out, records, _ = _run(path, tmp_path, [fold(), _hba(lower_bound="batchnorm", padding="explicit")],
+    graph, out, records, _ = run_passes(path, tmp_path, [fold(), _hba(lower_bound="batchnorm", padding="explicit")],
                                   "explicit.onnx")
     assert records[1].stats["explicit_pads"] == 1
     assert [n.op_type for n in graph.nodes].count("Pad") == 1 and _node(graph, "c2").attr("pads") == [0, 0, 0, 0]
-    assert _max_rel_err(expected, ort_run(out, {"x": x})[0]) <= 1e-5
+    assert max_rel_err(expected, ort_run(out, {"x": x})[0]) <= 1e-5
 
-    graph, out, records, _ = _run(path, tmp_path, [fold(), _hba(lower_bound="batchnorm", padding="ignore")],
+    graph, out, records, _ = run_passes(path, tmp_path, [fold(), _hba(lower_bound="batchnorm", padding="ignore")],
                                   "ignore.onnx")
     assert records[1].stats["border_inexact"] == 1
     got = ort_run(out, {"x": x})[0]
@@ -198,12 +170,12 @@ def test_random_bounded_graphs_keep_float_outputs(tmp_path, seed):
              "wd": rng.standard_normal((6, 1, 3, 3)) * 0.05, "bd": rng.uniform(1, 5, 6),
              "w3": rng.standard_normal((4, 6, 1, 1)), "b3": rng.standard_normal(4),
              "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "zero": ZERO, "six": SIX}
-    path = _save(tmp_path, nodes, inits, (2, 3, 6, 6), (2, 4, 6, 6))
-    graph, out, records, _ = _run(path, tmp_path, [PASSES.get("equalize_cross_layer")(), _hba()])
+    path = save_graph(tmp_path, nodes, inits, (2, 3, 6, 6), (2, 4, 6, 6))
+    graph, out, records, _ = run_passes(path, tmp_path, [PASSES.get("equalize_cross_layer")(), _hba()])
     assert records[1].stats["absorbed_links"] >= 1  # dw -> c3 (c1 -> dw is padded: skipped)
     for x in (rng.uniform(-1, 7, (2, 3, 6, 6)), np.full((2, 3, 6, 6), 6.0)):
         x = x.astype(np.float32)
-        assert _max_rel_err(ort_run(path, {"x": x})[0], ort_run(out, {"x": x})[0]) <= 1e-4
+        assert max_rel_err(ort_run(path, {"x": x})[0], ort_run(out, {"x": x})[0]) <= 1e-4
 
 
 # ---- real models --------------------------------------------------------------------------------
@@ -215,25 +187,25 @@ def effnet_images():
 
 def test_efficientnet_float_outputs_unchanged(tmp_path, effnet_images):
     passes = [PASSES.get("fold_batchnorm")(), PASSES.get("equalize_cross_layer")(), _hba()]
-    _, out, records, _ = _run(EFFNET, tmp_path, passes)
+    _, out, records, _ = run_passes(EFFNET, tmp_path, passes)
     assert records[2].stats["absorbed_links"] >= 10 and records[2].stats["absorbed_channels"] > 500
     for x in effnet_images:
-        assert _max_rel_err(ort_run(EFFNET, {"input": x})[0], ort_run(out, {"input": x})[0]) <= 1e-4
+        assert max_rel_err(ort_run(EFFNET, {"input": x})[0], ort_run(out, {"input": x})[0]) <= 1e-4
 
 
 def test_efficientnet_batchnorm_shift_is_not_exact(tmp_path, effnet_images):
     """Measured fact: pre-activations reach 5-22 sigma below BN's beta, so beta - 3|gamma| changes the model."""
     passes = [PASSES.get("fold_batchnorm")(), _hba(lower_bound="batchnorm")]
-    _, out, _, _ = _run(EFFNET, tmp_path, passes)
+    _, out, _, _ = run_passes(EFFNET, tmp_path, passes)
     x = effnet_images[0]
-    assert _max_rel_err(ort_run(EFFNET, {"input": x})[0], ort_run(out, {"input": x})[0]) > 1e-3
+    assert max_rel_err(ort_run(EFFNET, {"input": x})[0], ort_run(out, {"input": x})[0]) > 1e-3
 
 
 @pytest.mark.parametrize("path,shape", [(PPOCR, (2, 3, 48, 192)), (EXAMPLE / "digits_mobilenet_bn.onnx", None)])
 def test_other_models_float_outputs_unchanged(tmp_path, path, shape):
     passes = [PASSES.get("fold_batchnorm")(), PASSES.get("equalize_cross_layer")(), _hba()]
-    _, out, _, _ = _run(path, tmp_path, passes)
+    _, out, _, _ = run_passes(path, tmp_path, passes)
     name = onnx.load(str(path), load_external_data=False).graph.input[0].name
     x = np.load(EXAMPLE / "test.npz")["input"][:8] if shape is None else \
         np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    assert _max_rel_err(ort_run(path, {name: x})[0], ort_run(out, {name: x})[0]) <= 1e-4
+    assert max_rel_err(ort_run(path, {name: x})[0], ort_run(out, {name: x})[0]) <= 1e-4

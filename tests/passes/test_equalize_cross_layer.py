@@ -9,13 +9,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))  # tests/: conftest h
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
-from conftest import EXAMPLE, SHARED, ort_run
+from conftest import EXAMPLE, SHARED, max_rel_err, ort_run, run_passes, save_graph
 from qcompile.compiler import compile_model
-from qcompile.exporter import to_proto, write_model
-from qcompile.importer import import_model
-from qcompile.pipeline import PassContext, PassManager
 from qcompile.registry import PASSES, load_builtins_and_entry_points
 
 load_builtins_and_entry_points()
@@ -28,31 +25,6 @@ IMAGES = SHARED / "data" / "imagenet_sample_dev.npz"
 def _cle(**options):
     cls = PASSES.get("equalize_cross_layer")
     return cls(cls.Options(**options))
-
-
-def _run(path, tmp_path, passes, name="out.onnx"):
-    graph = import_model(path)
-    ctx = PassContext()
-    manager = PassManager(passes)
-    manager.run(graph, ctx)
-    return graph, write_model(to_proto(graph), tmp_path / name), manager.records, ctx
-
-
-def _max_rel_err(reference, got):
-    return float(np.abs(got - reference).max() / np.abs(reference).max())
-
-
-def _save(tmp_path, nodes, inits, x_shape, y_shape, name="m.onnx", opset=13):
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(y_shape))],
-                              [numpy_helper.from_array(np.asarray(a, np.float32) if np.asarray(a).dtype.kind == "f"
-                                                       else np.asarray(a), n) for n, a in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path = tmp_path / name
-    onnx.save(model, str(path))
-    return path
 
 
 def _conv_weight(rng, cout, cin, k, spread=1.5):
@@ -142,12 +114,12 @@ KINDS = ["conv_relu_conv", "conv_relu6_conv", "depthwise_triple", "grouped", "ge
 def test_random_graphs_keep_float_outputs(tmp_path, kind, seed):
     rng = np.random.default_rng(1000 * seed + KINDS.index(kind))
     nodes, inits, x_shape, y_shape = _random_graph(kind, rng)
-    path = _save(tmp_path, nodes, inits, x_shape, y_shape)
-    graph, out, records, _ = _run(path, tmp_path, [_cle()])
+    path = save_graph(tmp_path, nodes, inits, x_shape, y_shape)
+    graph, out, records, _ = run_passes(path, tmp_path, [_cle()])
     assert records[0].stats["links"] >= 1 and records[0].stats["converged"]
     x = (3 * rng.standard_normal(x_shape)).astype(np.float32)
     expected, got = ort_run(path, {"x": x})[0], ort_run(out, {"x": x})[0]
-    assert _max_rel_err(expected, got) <= 1e-4
+    assert max_rel_err(expected, got) <= 1e-4
     changed = [n for n in graph.nodes if n.op_type in ("Conv", "Gemm") and n.inputs[1].name not in inits]
     assert changed, "nothing was rescaled"
 
@@ -156,13 +128,13 @@ def test_relu6_clip_is_active_and_kept_exact(tmp_path):
     """Inputs large enough that many values exceed 6: the per-channel clip must reproduce them."""
     rng = np.random.default_rng(7)
     nodes, inits, x_shape, y_shape = _random_graph("conv_relu6_conv", rng)
-    path = _save(tmp_path, nodes, inits, x_shape, y_shape)
-    graph, out, _, _ = _run(path, tmp_path, [_cle()])
+    path = save_graph(tmp_path, nodes, inits, x_shape, y_shape)
+    graph, out, _, _ = run_passes(path, tmp_path, [_cle()])
     x = (10 * rng.standard_normal(x_shape)).astype(np.float32)
     pre = np.einsum("oikl,nihw->nohw", inits["w1"][:, :, 1:2, 1:2], x)  # centre tap only: rough check
     assert (np.abs(pre) > 6).mean() > 0.1
     expected, got = ort_run(path, {"x": x})[0], ort_run(out, {"x": x})[0]
-    assert _max_rel_err(expected, got) <= 1e-4
+    assert max_rel_err(expected, got) <= 1e-4
     ops = [n.op_type for n in graph.nodes]
     assert "Relu" not in ops and ops.count("Clip") == 1 and ops.count("Min") == 1  # ReLU6 not turned into ReLU
 
@@ -181,8 +153,8 @@ def test_hand_worked_pair_with_relu6_and_batchnorm(tmp_path):
              helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="c2")]
     inits = {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "gamma": gamma, "beta": beta, "mean": zeros, "var": ones,
              "zero": np.array(0.0, np.float32), "six": np.array(6.0, np.float32)}
-    path = _save(tmp_path, nodes, inits, (1, 2, 3, 3), (1, 2, 3, 3))
-    graph, out, records, _ = _run(path, tmp_path, [PASSES.get("fold_batchnorm")(), _cle()])
+    path = save_graph(tmp_path, nodes, inits, (1, 2, 3, 3), (1, 2, 3, 3))
+    graph, out, records, _ = run_passes(path, tmp_path, [PASSES.get("fold_batchnorm")(), _cle()])
     # BN folded by hand (mean 0, var 1, eps 0): W1f = gamma * W1, b1f = gamma * b1 + beta
     w1f, b1f = w1 * gamma[:, None, None, None], gamma * b1 + beta
     r1 = np.abs(w1f).reshape(3, -1).max(1)  # [8, 0.25, 4.5]
@@ -205,7 +177,7 @@ def test_hand_worked_pair_with_relu6_and_batchnorm(tmp_path):
     np.testing.assert_allclose(minimum.inputs[1].const.reshape(-1), 6 / s, rtol=1e-6)
     assert records[1].stats["sweeps"] == 2  # one sweep to the fixed point, one to see it stays
     x = np.random.default_rng(3).uniform(-4, 4, (1, 2, 3, 3)).astype(np.float32)
-    assert _max_rel_err(ort_run(path, {"x": x})[0], ort_run(out, {"x": x})[0]) <= 1e-5
+    assert max_rel_err(ort_run(path, {"x": x})[0], ort_run(out, {"x": x})[0]) <= 1e-5
 
 
 def _triple_model(tmp_path):
@@ -219,13 +191,13 @@ def _triple_model(tmp_path):
              helper.make_node("Conv", ["rd", "w2", "b2"], ["y"], name="c2")]
     inits = {"w0": w0, "b0": np.array([0.5, 0.1, -1.0]), "wd": wd, "bd": np.array([0.2, -0.3, 1.0]), "w2": w2,
              "b2": np.array([0.3])}
-    return _save(tmp_path, nodes, inits, (1, 1, 2, 3), (1, 1, 2, 2)), inits
+    return save_graph(tmp_path, nodes, inits, (1, 1, 2, 3), (1, 1, 2, 2)), inits
 
 
 @pytest.mark.parametrize("mode", ["closed_form", "pairwise"])
 def test_hand_worked_depthwise_triple(tmp_path, mode):
     path, p = _triple_model(tmp_path)
-    graph, out, records, _ = _run(path, tmp_path, [_cle(depthwise=mode, tolerance=1e-10, max_iterations=500)])
+    graph, out, records, _ = run_passes(path, tmp_path, [_cle(depthwise=mode, tolerance=1e-10, max_iterations=500)])
     r0 = np.abs(p["w0"]).reshape(3, -1).max(1)
     r1 = np.abs(p["wd"]).reshape(3, -1).max(1)
     r2 = np.abs(p["w2"]).reshape(1, 3).max(0)
@@ -242,7 +214,7 @@ def test_hand_worked_depthwise_triple(tmp_path, mode):
     else:
         assert records[0].stats["triples"] == 0 and records[0].stats["sweeps"] > 2
     x = np.random.default_rng(0).standard_normal((1, 1, 2, 3)).astype(np.float32)
-    assert _max_rel_err(ort_run(path, {"x": x})[0], ort_run(out, {"x": x})[0]) <= 1e-5
+    assert max_rel_err(ort_run(path, {"x": x})[0], ort_run(out, {"x": x})[0]) <= 1e-5
 
 
 def test_dead_channel_is_left_unscaled(tmp_path):
@@ -253,15 +225,15 @@ def test_dead_channel_is_left_unscaled(tmp_path):
              helper.make_node("Clip", ["a", "zero", "six"], ["r"]),
              helper.make_node("Conv", ["r", "w2"], ["y"], name="c2")]
     inits = {"w1": w1, "b1": b1, "w2": w2, "zero": np.array(0.0, np.float32), "six": np.array(6.0, np.float32)}
-    path = _save(tmp_path, nodes, inits, (1, 1, 2, 2), (1, 1, 2, 2))
-    graph, out, records, _ = _run(path, tmp_path, [_cle()])
+    path = save_graph(tmp_path, nodes, inits, (1, 1, 2, 2), (1, 1, 2, 2))
+    graph, out, records, _ = run_passes(path, tmp_path, [_cle()])
     s = np.sqrt(np.array([1.0, 1.0, 0.01]) / np.array([2.0, 5.0, 1.0]))
     s[1] = 1.0
     np.testing.assert_allclose(_w(graph, "c1").reshape(-1), w1.reshape(-1) / s, rtol=1e-6)
     np.testing.assert_allclose(_b(graph, "c1"), b1 / s, rtol=1e-6)  # the dead channel's bias 3.0 stays 3.0
     assert records[0].stats["dead_channels"] == 1
     x = np.random.default_rng(0).standard_normal((1, 1, 2, 2)).astype(np.float32)
-    assert _max_rel_err(ort_run(path, {"x": x})[0], ort_run(out, {"x": x})[0]) <= 1e-5
+    assert max_rel_err(ort_run(path, {"x": x})[0], ort_run(out, {"x": x})[0]) <= 1e-5
 
 
 def test_not_equalized_through_non_homogeneous_ops_or_shared_outputs(tmp_path):
@@ -273,8 +245,8 @@ def test_not_equalized_through_non_homogeneous_ops_or_shared_outputs(tmp_path):
              helper.make_node("Conv", ["r", "w3"], ["c"], name="c3"),
              helper.make_node("Add", ["c", "r"], ["y"])]  # r has two uses: c2 -> c3 is not a link
     inits = {"w1": _conv_weight(rng, 3, 3, 1), "w2": _conv_weight(rng, 3, 3, 1), "w3": _conv_weight(rng, 3, 3, 1)}
-    path = _save(tmp_path, nodes, inits, (1, 3, 2, 2), (1, 3, 2, 2))
-    graph, _, records, _ = _run(path, tmp_path, [_cle()])
+    path = save_graph(tmp_path, nodes, inits, (1, 3, 2, 2), (1, 3, 2, 2))
+    graph, _, records, _ = run_passes(path, tmp_path, [_cle()])
     assert records[0].stats["links"] == 0 and not records[0].modified
     for name, key in (("c1", "w1"), ("c2", "w2"), ("c3", "w3")):
         np.testing.assert_array_equal(_w(graph, name), inits[key].astype(np.float32))
@@ -283,19 +255,19 @@ def test_not_equalized_through_non_homogeneous_ops_or_shared_outputs(tmp_path):
 def test_second_run_changes_nothing_and_keeps_one_min(tmp_path):
     rng = np.random.default_rng(5)
     nodes, inits, x_shape, y_shape = _random_graph("depthwise_triple", rng)
-    path = _save(tmp_path, nodes, inits, x_shape, y_shape)
-    graph, out, _, _ = _run(path, tmp_path, [_cle(), _cle()])
+    path = save_graph(tmp_path, nodes, inits, x_shape, y_shape)
+    graph, out, _, _ = run_passes(path, tmp_path, [_cle(), _cle()])
     assert [n.op_type for n in graph.nodes].count("Min") == 2
     x = (3 * rng.standard_normal(x_shape)).astype(np.float32)
-    assert _max_rel_err(ort_run(path, {"x": x})[0], ort_run(out, {"x": x})[0]) <= 1e-4
+    assert max_rel_err(ort_run(path, {"x": x})[0], ort_run(out, {"x": x})[0]) <= 1e-4
 
 
 # ---- real models --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def effnet_equalized(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("effnet")
-    folded, _, _, _ = _run(EFFNET, tmp, [PASSES.get("fold_batchnorm")()], "folded.onnx")
-    graph, out, records, _ = _run(EFFNET, tmp, [PASSES.get("fold_batchnorm")(), _cle()])
+    folded, _, _, _ = run_passes(EFFNET, tmp, [PASSES.get("fold_batchnorm")()], "folded.onnx")
+    graph, out, records, _ = run_passes(EFFNET, tmp, [PASSES.get("fold_batchnorm")(), _cle()])
     return folded, graph, out, records[1].stats
 
 
@@ -305,7 +277,7 @@ def test_efficientnet_float_outputs_unchanged(effnet_equalized):
     images = np.load(IMAGES)["images"][:2]
     for image in images:
         x = ((image[None].astype(np.float32) - 127) / 128).transpose(0, 3, 1, 2).copy()
-        assert _max_rel_err(ort_run(EFFNET, {"input": x})[0], ort_run(out, {"input": x})[0]) <= 1e-4
+        assert max_rel_err(ort_run(EFFNET, {"input": x})[0], ort_run(out, {"input": x})[0]) <= 1e-4
 
 
 def test_efficientnet_depthwise_spread_reduced(effnet_equalized):
@@ -336,12 +308,12 @@ def test_efficientnet_dead_channels_are_guarded(effnet_equalized):
 
 @pytest.mark.parametrize("path,shape", [(PPOCR, (2, 3, 48, 192)), (EXAMPLE / "digits_mobilenet_bn.onnx", None)])
 def test_other_models_float_outputs_unchanged(tmp_path, path, shape):
-    _, out, records, _ = _run(path, tmp_path, [PASSES.get("fold_batchnorm")(), _cle()])
+    _, out, records, _ = run_passes(path, tmp_path, [PASSES.get("fold_batchnorm")(), _cle()])
     assert records[1].stats["links"] > 0
     name = onnx.load(str(path), load_external_data=False).graph.input[0].name
     x = np.load(EXAMPLE / "test.npz")["input"][:8] if shape is None else \
         np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    assert _max_rel_err(ort_run(path, {name: x})[0], ort_run(out, {name: x})[0]) <= 1e-4
+    assert max_rel_err(ort_run(path, {name: x})[0], ort_run(out, {name: x})[0]) <= 1e-4
 
 
 def test_quantization_pipeline_handles_the_per_channel_min(tmp_path):
