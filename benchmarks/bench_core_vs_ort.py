@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import DEV_DATA, model, ort_quantize, top1
+from common import dev_split, model, ort_quantize, top1
 
 MODEL = model("efficientnet_lite0_fused.onnx")
 
@@ -59,11 +59,7 @@ def main() -> int:
     parser.add_argument("--json", help="also write the rows as JSON here")
     args = parser.parse_args()
 
-    data = np.load(DEV_DATA)
-    images, labels = data["images"], data["labels"]
-    calib = images[:args.calib]
-    eval_images = images[args.calib:args.calib + args.eval]
-    eval_labels = labels[args.calib:args.calib + args.eval]
+    calib, eval_images, eval_labels = dev_split(args.calib, args.eval)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

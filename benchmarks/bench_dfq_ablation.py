@@ -34,7 +34,7 @@ import numpy as np
 
 from qcompile.metrics import mean_kl
 
-from common import DEV_DATA, logits, model, ort_quantize
+from common import dev_split, logits, model, ort_quantize
 
 MODEL = model("efficientnet_lite0_bn.onnx")
 
@@ -143,16 +143,13 @@ def main() -> int:
     load_builtins_and_entry_points()
     registered = set(PASSES.names())
 
-    data = np.load(DEV_DATA)
-    images, labels = data["images"], data["labels"]
-    eval_images = images[args.calib:args.calib + args.eval]
-    eval_labels = labels[args.calib:args.calib + args.eval]
+    calib, eval_images, eval_labels = dev_split(args.calib, args.eval)
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         calib_npz = work / "calib.npz"
-        np.savez(calib_npz, images=images[:args.calib])
+        np.savez(calib_npz, images=calib)
         reference = logits(MODEL, eval_images)
         ref_pred = reference.argmax(1)
         float_cache: dict[str, tuple[float, float]] = {}
@@ -183,7 +180,7 @@ def main() -> int:
         for per_channel in (False, True):
             granularity = "per_channel" if per_channel else "per_tensor"
             label = f"onnxruntime quantize_static {granularity.replace('_', '-')}"
-            path, seconds = ort_quantize(MODEL, work / f"ort_{granularity}.onnx", images[:args.calib], per_channel,
+            path, seconds = ort_quantize(MODEL, work / f"ort_{granularity}.onnx", calib, per_channel,
                                          symmetric=False)
             out = logits(path, eval_images)
             pred = out.argmax(1)

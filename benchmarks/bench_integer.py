@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from common import DEV_DATA, image_reader, model, preprocess, top1
+from common import dev_split, image_reader, model, preprocess, top1
 
 from qcompile.runtime import session
 
@@ -78,9 +78,7 @@ def main() -> int:
     from qcompile.recipe import Preprocessing
     from qcompile.verify import verify
 
-    data = np.load(DEV_DATA)
-    images, labels = data["images"], data["labels"]
-    calib, eval_images, eval_labels = images[:100], images[100:100 + args.eval], labels[100:100 + args.eval]
+    calib, eval_images, eval_labels = dev_split(100, args.eval)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         np.save(work / "calib.npy", calib)

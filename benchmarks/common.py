@@ -21,6 +21,15 @@ def model(name: str) -> Path:
     return SHARED / "models" / name
 
 
+def dev_split(n_calib: int, n_eval: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The issues' split of the dev images: calibrate on the first n_calib, evaluate on the n_eval after
+    them. Returns (calibration images, evaluation images, evaluation labels)."""
+    data = np.load(DEV_DATA)
+    images, labels = data["images"], data["labels"]
+    stop = n_calib + n_eval
+    return images[:n_calib], images[n_calib:stop], labels[n_calib:stop]
+
+
 def preprocess(u8: np.ndarray) -> np.ndarray:
     """EfficientNet-Lite0 input: x = (u8 - 127) / 128, NHWC uint8 -> NCHW float32."""
     return np.ascontiguousarray(((np.asarray(u8).astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2))
