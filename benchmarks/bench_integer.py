@@ -5,8 +5,10 @@
 1. qcompile int8_sym (per-channel) as QDQ, and lowered with fuse_requant (profiles onnxruntime-x86
    and generic): top-1 and agreement with FP32 on images[100:500] of imagenet_sample_dev.npz
    (calibration: images[:100]).
-2. The integer executor vs onnxruntime on the QOperator model: per integer tensor, share of
-   identical codes and max LSB, in "onnx" and "fixed-point" modes, on --verify-samples images.
+2. The integer executor vs onnxruntime on the QOperator model, in "onnx" and "fixed-point" modes,
+   on --verify-samples images: per integer tensor, the share of identical codes and the max LSB
+   with each op run on onnxruntime's inputs (qcompile verify's check), and the max LSB when the
+   executor runs end to end on its own results (drift), for the layers and for the logits.
 3. onnxruntime latency (1 thread, median of --latency-runs) of FP32, each qcompile output and
    onnxruntime quantize_static's QOperator (U8S8 per-channel) and QDQ outputs.
 4. Executor seconds per image in both modes.
@@ -108,7 +110,7 @@ def main() -> int:
 
         print(f"\nInteger executor vs onnxruntime on {args.verify_samples} images (per integer tensor)")
         print(f"{'model':<40}{'mode':<13}{'tensors':>8}{'all identical %':>16}{'min ident %':>12}{'max LSB':>8}"
-              f"{'logit LSB':>10}")
+              f"{'drift LSB':>10}{'logit drift':>12}")
         for name in ("qcompile QOperator onnxruntime-x86", "qcompile QOperator generic (int8)"):
             for mode in ("onnx", "fixed-point"):
                 result = verify(paths[name], work / "verify.npy", mode=mode, samples=args.verify_samples,
@@ -118,7 +120,8 @@ def main() -> int:
                 same = sum(c.identical for c in layers)
                 print(f"{name:<40}{mode:<13}{len(layers):>8}{100 * same / total:>16.3f}"
                       f"{100 * min(c.identical / c.elements for c in layers):>12.3f}"
-                      f"{max(c.max_lsb for c in layers):>8}{result.outputs[0].max_lsb:>10}", flush=True)
+                      f"{max(c.max_lsb for c in layers + result.outputs):>8}{max(c.drift_lsb for c in layers):>10}"
+                      f"{result.outputs[0].drift_lsb:>12}", flush=True)
 
         print("\nExecutor speed (EfficientNet-Lite0, seconds per image, batch 1)")
         model = onnx.load(str(paths["qcompile QOperator onnxruntime-x86"]))

@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--markdown", metavar="FILE", help="Markdown summary (default: report stem + .md)")
     parser.add_argument("--verify", action="store_true",
                         help="after writing, run the integer reference executor against onnxruntime on the "
-                             "--eval (or --calib) data; exit 4 if any code differs by more than 1 LSB")
+                             "--eval (or --calib) data; exit 4 if an op, given onnxruntime's inputs, is more than 1 LSB off")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each pass")
     parser.add_argument("--version", action="version", version=f"qcompile {__version__}")
@@ -67,7 +67,8 @@ def _verify_parser() -> argparse.ArgumentParser:
         prog="qcompile verify",
         description="Run an integer model in the integer reference executor and in onnxruntime and compare them "
                     "tensor by tensor (QDQ models are lowered to QOperator first).",
-        epilog="exit codes: 0 every code within 1 LSB of onnxruntime; 4 some code differs by more; 2 usage or input error")
+        epilog="exit codes: 0 every op, given onnxruntime's inputs, within 1 LSB of onnxruntime; 4 some op differs by "
+               "more; 2 usage or input error")
     parser.add_argument("model", help="quantized ONNX model (QOperator, or QDQ)")
     parser.add_argument("--data", required=True, help=".npy, .npz or image folder (see README: Data)")
     parser.add_argument("--float", dest="float_model", help="the float model, for SQNR per tensor and output")
@@ -147,11 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  verify ({verification['mode']} mode, {verification['samples']} samples): "
               f"{'PASS' if verification['passed'] else 'FAIL'}; {len(checks)} tensors, "
               f"min identical {100 * min(c['identical'] for c in checks):.2f}%, "
-              f"max {max(c['max_lsb'] for c in checks)} LSB vs onnxruntime")
+              f"max {max(c['max_lsb'] for c in checks)} LSB vs onnxruntime per op, "
+              f"{max(c['drift_lsb'] for c in checks)} end to end")
     if verification is not None and not verification["passed"]:
         worst = max(verification["outputs"] + verification["layers"], key=lambda c: c["max_lsb"])
         print(f"qcompile: verification failed: tensor '{worst['tensor']}' differs from onnxruntime by "
-              f"{worst['max_lsb']} LSB", file=sys.stderr)
+              f"{worst['max_lsb']} LSB, computed from the same inputs", file=sys.stderr)
         return EXIT_VERIFY
     return EXIT_GATE if gate_failed else EXIT_OK
 

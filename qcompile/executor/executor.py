@@ -82,6 +82,26 @@ class IntegerExecutor:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on `feeds` (graph input name -> array); returns graph output name -> array."""
+        values = self._execute(feeds, {}, {})
+        return {name: values[name] for name in self.output_names}
+
+    def run_on_reference(self, feeds: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run every op on `reference`'s tensors (another runtime's results) wherever it has them.
+
+        Returns the executor's own result for each tensor in `reference` that a node produces,
+        computed from the reference values of that node's inputs, so a difference shows what this
+        op computes differently and not what earlier ops passed on. Run freely, a requantization
+        1 LSB off grows through the layers after it: on EfficientNet-Lite0 a 1x1 or depthwise
+        conv's output can move by up to ~60 LSB per input LSB (per-channel weights, per-tensor
+        activation scales).
+        """
+        own: dict[str, np.ndarray] = {}
+        self._execute(feeds, reference, own)
+        return own
+
+    def _execute(self, feeds: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                 own: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run all nodes; a produced tensor named in `reference` is recorded in `own` and replaced."""
         values: dict[str, np.ndarray] = dict(self._initializers)
         for name, array in feeds.items():
             if name not in self.input_names:
@@ -101,11 +121,14 @@ class IntegerExecutor:
             except Exception as exc:  # a numpy error inside a kernel: say where
                 raise ExecutionError(f"{describe(node)} failed: {type(exc).__name__}: {exc}") from exc
             for name, array in zip(node.output, outputs):
+                if name in reference:
+                    own[name] = array
+                    array = np.asarray(reference[name])
                 if name:
                     values[name] = array
             for name in self._last_use.get(index, ()):
                 values.pop(name, None)
-        return {name: values[name] for name in self.output_names}
+        return values
 
     # ------------------------------------------------------------------------------- checks
 

@@ -229,6 +229,25 @@ def test_executor_is_reusable_and_caches_constant_weights():
     np.testing.assert_array_equal(executor.run(feeds)["y"], first)
 
 
+def test_run_on_reference_feeds_each_op_the_reference_inputs():
+    """x -> QuantizeLinear 'q' -> MaxPool 'm' -> DequantizeLinear 'y' (s = 0.05, z = 128), with
+    another runtime's 'q' one code higher than the executor's own: each op's result is worked out
+    here from the ONNX formulas on the reference inputs, not on the executor's own."""
+    model = _sandwich([helper.make_node("MaxPool", ["q"], ["m"], kernel_shape=[2, 2], strides=[2, 2])])
+    x = np.random.default_rng(5).uniform(-3, 3, (1, 4, 6, 6)).astype(np.float32)
+    own_q = np.clip(np.rint(x / np.float32(0.05)) + 128, 0, 255).astype(np.uint8)
+    reference_q = np.minimum(own_q.astype(np.int64) + 1, 255).astype(np.uint8)
+    reference_m = reference_q.reshape(1, 4, 3, 2, 3, 2).max(axis=(3, 5)) - 1
+    executor = IntegerExecutor(model)
+    own = executor.run_on_reference({"x": x}, {"q": reference_q, "m": reference_m.astype(np.uint8),
+                                                 "y": np.zeros((1, 4, 3, 3), np.float32)})
+    np.testing.assert_array_equal(own["q"], own_q)
+    np.testing.assert_array_equal(own["m"], reference_q.reshape(1, 4, 3, 2, 3, 2).max(axis=(3, 5)))
+    np.testing.assert_allclose(own["y"], (reference_m.astype(np.float32) - 128) * np.float32(0.05), rtol=1e-6)
+    np.testing.assert_array_equal(executor.run({"x": x})["y"],
+                                  (own_q.reshape(1, 4, 3, 2, 3, 2).max(axis=(3, 5)).astype(np.float32) - 128) * np.float32(0.05))
+
+
 # ----------------------------------------------------------------------- a small model end to end
 
 
